@@ -1,0 +1,10 @@
+"""sharded_msam_sf: Schedule-Free AdamW with a Momentum-SAM ascent, sharded by the engine you run.
+
+``from sharded_msam_sf import AdamWMSAMScheduleFree`` — see ``ALGORITHM.md`` for the math
+and the README for the training loops (one_pass, two_pass, DDP, FSDP, DeepSpeed).
+"""
+from .optimizer import SAM_MODES, AdamWMSAMScheduleFree, default_rho
+from .reference import AdamWMSAMScheduleFreeReference
+
+__all__ = ["AdamWMSAMScheduleFree", "AdamWMSAMScheduleFreeReference", "SAM_MODES", "default_rho"]
+__version__ = "0.1.0"
