@@ -1,0 +1,52 @@
+"""The optimizer section of a DeepSpeed-style config: valid sections and errors that name the key."""
+import pytest
+
+from sharded_msam_sf import AdamWMSAMScheduleFree
+from sharded_msam_sf.config import ConfigError, is_our_optimizer, optimizer_kwargs_from_config
+
+import torch
+
+
+def test_valid_section_gives_kwargs_the_optimizer_accepts():
+    section = {"type": "AdamWMSAMScheduleFree",
+               "params": {"lr": 0.0025, "rho": 1.0, "sam_mode": "one_pass", "weight_decay": 0.1,
+                          "betas": [0.9, 0.99], "eps": 1e-8, "warmup_steps": 5, "r": 0.0,
+                          "weight_lr_power": 2.0, "ascent_beta": None, "foreach": None}}
+    kw = optimizer_kwargs_from_config(section)
+    assert kw["betas"] == (0.9, 0.99) and kw["rho"] == 1.0 and kw["warmup_steps"] == 5
+    opt = AdamWMSAMScheduleFree([torch.nn.Parameter(torch.zeros(3))], **kw)
+    assert opt.param_groups[0]["weight_decay"] == 0.1
+
+
+def test_empty_params_and_type_spelling():
+    assert optimizer_kwargs_from_config({"type": "AdamWMSAMScheduleFree"}) == {}
+    assert optimizer_kwargs_from_config({"type": "adamw_msam_schedulefree", "params": {}}) == {}
+    assert is_our_optimizer({"type": "AdamWMSAMScheduleFree"})
+    assert not is_our_optimizer({"type": "AdamW"})
+
+
+@pytest.mark.parametrize("section, key", [
+    ({"type": "AdamWMSAMScheduleFree", "params": {"rhoo": 1.0}}, "optimizer.params.rhoo: unknown key"),
+    ({"type": "AdamWMSAMScheduleFree", "params": {"rho": -1.0}}, "optimizer.params.rho: invalid value"),
+    ({"type": "AdamWMSAMScheduleFree", "params": {"lr": "fast"}}, "optimizer.params.lr: invalid value"),
+    ({"type": "AdamWMSAMScheduleFree", "params": {"sam_mode": "three_pass"}}, "optimizer.params.sam_mode: invalid value"),
+    ({"type": "AdamWMSAMScheduleFree", "params": {"betas": [0.0, 0.999]}}, "optimizer.params.betas: invalid value"),
+    ({"type": "AdamWMSAMScheduleFree", "params": {"warmup_steps": 1.5}}, "optimizer.params.warmup_steps: invalid value"),
+    ({"type": "AdamWMSAMScheduleFree", "params": {"foreach": 1}}, "optimizer.params.foreach: invalid value"),
+    ({"type": "AdamWMSAMScheduleFree", "params": {"lr": float("nan")}}, "optimizer.params.lr: invalid value"),
+    ({"type": "AdamWMSAMScheduleFree", "params": [1]}, "optimizer.params: must be a JSON object"),
+    ({"params": {"lr": 0.1}}, "optimizer.type: missing"),
+    ({"type": "AdamW", "params": {}}, "optimizer.type: 'AdamW' is not"),
+    ({"type": "AdamWMSAMScheduleFree", "param": {}}, "optimizer.param: unknown key"),
+    ([], "optimizer: must be a JSON object"),
+])
+def test_errors_name_the_key(section, key):
+    with pytest.raises(ConfigError) as err:
+        optimizer_kwargs_from_config(section)
+    assert str(err.value).startswith(key), str(err.value)
+    assert isinstance(err.value, ValueError)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError, match=r"valid: lr, betas, eps"):
+        optimizer_kwargs_from_config({"type": "AdamWMSAMScheduleFree", "params": {"rhoo": 1.0}})
