@@ -1,0 +1,317 @@
+"""One wrapper per engine with the same small interface for the training loop.
+
+`build_engine(cfg, dist_env)` wraps the GPT in DDP, FSDP2 (`fully_shard` per block
+and at the root), FSDP1 (one unit per block, `use_orig_params=True`) or a DeepSpeed
+ZeRO-1/2/3 engine, and builds `AdamWMSAMScheduleFree` on it. The loop then only calls:
+
+    loss = engine.forward_backward(x, y, last_micro)   # one micro-batch
+    engine.step()                                      # clip, optimizer step, zero grads
+    engine.optimizer.train() / .eval() / .move_to_ascent() / .move_from_ascent()
+    engine.save(dir) / engine.load(dir) / engine.full_state_dict()
+
+Checkpoints: DDP saves one file from rank 0 (read back with torch.load(weights_only=True));
+FSDP1/FSDP2 use torch.distributed.checkpoint (sharded, every rank writes its part);
+DeepSpeed uses engine.save_checkpoint/load_checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .config import JobConfig
+from .model import GPT, Block, GPTConfig
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+
+def build_model(cfg: JobConfig, device: torch.device | str = "cpu") -> GPT:
+    with torch.device(device):
+        return GPT(GPTConfig(**vars(cfg.model)), activation_checkpointing=cfg.engine.activation_checkpointing)
+
+
+def _optimizer(params, cfg: JobConfig):
+    from sharded_msam_sf.optimizer import AdamWMSAMScheduleFree
+    return AdamWMSAMScheduleFree(params, **cfg.optimizer_kwargs)
+
+
+class _TorchEngine:
+    """DDP / FSDP1 / FSDP2: a torch module, our optimizer, manual accumulation and clipping."""
+
+    def __init__(self, cfg: JobConfig, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.module = build_model(cfg, env.device)
+        self.model = self.wrap(self.module)
+        self.optimizer = _optimizer(self.model.parameters(), cfg)
+        dtype = _DTYPES[cfg.engine.dtype]
+        self.autocast = (torch.autocast(env.device.type, dtype=dtype) if self.use_autocast and dtype != torch.float32
+                         else contextlib.nullcontext())
+        self.accum = cfg.grad_accum
+
+    use_autocast = True
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def sync_context(self, last_micro: bool):
+        return contextlib.nullcontext()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.autocast:
+            return self.model(x, y)
+
+    def forward_backward(self, x, y, last_micro: bool) -> torch.Tensor:
+        with self.sync_context(last_micro):
+            loss = self.forward(x, y)
+            (loss / self.accum).backward()
+        return loss.detach()
+
+    def clip(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+
+    def step(self) -> None:
+        if self.cfg.train.grad_clip > 0:
+            self.clip()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def set_train(self, train: bool) -> None:
+        self.model.train(train)
+
+    # -- checkpoints: torch.distributed.checkpoint (overridden by DDP)
+    def save(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path))
+
+    def load(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
+    def full_state_dict(self) -> dict | None:
+        """The full, unsharded model weights on rank 0 (None elsewhere); collective."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if self.env.rank == 0 else None
+
+    def close(self) -> None:
+        pass
+
+
+class DDPEngine(_TorchEngine):
+    def wrap(self, module):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+        return DDP(module, device_ids=ids)
+
+    def sync_context(self, last_micro):
+        return contextlib.nullcontext() if last_micro else self.model.no_sync()
+
+    def save(self, path: Path) -> None:
+        if self.env.rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
+                       path / "state.pt")
+
+    def load(self, path: Path) -> None:
+        from .checkpoint import load_torch_file
+        state = load_torch_file(path / "state.pt", map_location=self.env.device)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def full_state_dict(self):
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()} if self.env.rank == 0 else None
+
+
+class FSDP2Engine(_TorchEngine):
+    use_autocast = False  # FSDP2 casts with its MixedPrecisionPolicy
+
+    def wrap(self, module):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
+        dtype = _DTYPES[self.cfg.engine.dtype]
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for block in module.blocks:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        return fully_shard(module, mesh=mesh, mp_policy=mp)
+
+    def sync_context(self, last_micro):
+        self.model.set_requires_gradient_sync(last_micro)
+        return contextlib.nullcontext()
+
+
+class FSDP1Engine(_TorchEngine):
+    use_autocast = False
+
+    def wrap(self, module):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import MixedPrecision
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        dtype = _DTYPES[self.cfg.engine.dtype]
+        mp = (MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32, buffer_dtype=dtype)
+              if dtype != torch.float32 else None)
+        return FSDP(module, auto_wrap_policy=ModuleWrapPolicy({Block}), device_id=self.env.device,
+                    use_orig_params=True, mixed_precision=mp)
+
+    def sync_context(self, last_micro):
+        return contextlib.nullcontext() if last_micro else self.model.no_sync()
+
+    def clip(self):
+        self.model.clip_grad_norm_(self.cfg.train.grad_clip)
+
+
+def deepspeed_config(cfg: JobConfig) -> dict:
+    """The DeepSpeed JSON config this job runs with (engine.deepspeed is merged on top)."""
+    t = cfg.train
+    ds = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "bf16": {"enabled": cfg.engine.dtype == "bf16"},
+        "fp16": {"enabled": cfg.engine.dtype == "fp16"},
+        "optimizer": cfg.optimizer,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+    def merge(dst, src):
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(dst.get(k), dict):
+                merge(dst[k], v)
+            else:
+                dst[k] = v
+    merge(ds, cfg.engine.deepspeed)
+    return ds
+
+
+class DeepSpeedEngine:
+    def __init__(self, cfg: JobConfig, env: DistEnv):
+        import deepspeed
+        from sharded_msam_sf.deepspeed import initialize
+        self.cfg, self.env = cfg, env
+        self.module = build_model(cfg, env.device)
+        self.ds_config = deepspeed_config(cfg)
+        self.model, self.optimizer, _, _ = initialize(model=self.module, config=self.ds_config)
+        self._deepspeed = deepspeed
+
+    def forward(self, x, y):
+        return self.model(x, y)
+
+    def forward_backward(self, x, y, last_micro: bool) -> torch.Tensor:
+        loss = self.model(x, y)
+        self.model.backward(loss)
+        if not last_micro:
+            self.model.step()  # DeepSpeed counts micro-steps; it only updates at the boundary
+        return loss.detach().float()
+
+    def step(self) -> None:
+        self.model.step()
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad()
+
+    def set_train(self, train: bool) -> None:
+        self.model.train(train)
+
+    def save(self, path: Path) -> None:
+        self.model.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+
+    def load(self, path: Path) -> None:
+        load_path, _ = self.model.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
+
+    def full_state_dict(self):
+        params = list(self.module.parameters())
+        ctx = (self._deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+               if self.cfg.engine.zero_stage == 3 else contextlib.nullcontext())
+        with ctx:
+            sd = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()} if self.env.rank == 0 else None
+        return sd
+
+    def close(self) -> None:
+        self.model.destroy()
+
+
+ENGINES = {"ddp": DDPEngine, "fsdp2": FSDP2Engine, "fsdp1": FSDP1Engine, "deepspeed": DeepSpeedEngine}
+
+
+def build_engine(cfg: JobConfig, env: DistEnv):
+    return ENGINES[cfg.engine.name](cfg, env)
+
+
+# ---------------------------------------------------------------- process group
+def _fill_launcher_env() -> None:
+    """RANK/WORLD_SIZE/LOCAL_RANK from mpirun (Open MPI, MPICH/hydra) or srun when torchrun did not set them."""
+    env = os.environ
+    if "RANK" not in env:
+        for rank, size, local in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+                                  ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+                                  ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK"),
+                                  ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
+            if rank in env:
+                env["RANK"], env["WORLD_SIZE"] = env[rank], env.get(size, "1")
+                env["LOCAL_RANK"] = env.get(local, "0")
+                break
+        else:
+            env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.setdefault("LOCAL_RANK", "0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        if env["WORLD_SIZE"] == "1":
+            import socket
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                env["MASTER_PORT"] = str(s.getsockname()[1])
+        else:
+            env["MASTER_PORT"] = "29500"
+
+
+def init_distributed(cfg: JobConfig) -> DistEnv:
+    _fill_launcher_env()
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    use_cuda = cfg.engine.device == "cuda" or (cfg.engine.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise RuntimeError("engine.device is 'cuda' but CUDA is not available")
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+        if cfg.engine.name == "deepspeed":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    backend = cfg.engine.backend if cfg.engine.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                device_id=device if use_cuda else None)
+    if cfg.engine.name == "deepspeed":
+        import deepspeed
+        deepspeed.init_distributed(dist_backend=backend)
+    return DistEnv(rank, local, world, device, backend)

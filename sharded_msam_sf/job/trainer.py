@@ -1,0 +1,141 @@
+"""The training loop of the main job (engine-agnostic; see engines.py for the engines)."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import Checkpointer, StopSignal, export_weights, resolve_resume
+from .config import JobConfig
+from .data import Batches, Corpus
+from .progress import Progress, peak_memory_mib, plot_losses
+
+
+class Interrupted(Exception):
+    """Raised after the checkpoint taken on SIGTERM/SIGINT; carries the signal number."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by signal {signum} at step {step} (checkpoint saved)")
+        self.signum, self.step = signum, step
+
+
+@torch.no_grad()
+def evaluate(engine, batches: Batches, device: torch.device) -> float:
+    """Mean validation loss at the optimizer's x (eval mode), over the fixed validation set."""
+    engine.optimizer.eval()
+    engine.set_train(False)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for x, y, w in batches.eval_micro_batches(device):
+        loss = engine.forward(x, y).double()
+        total += torch.stack([loss * w, loss.new_tensor(w)])
+    dist.all_reduce(total)
+    engine.set_train(True)
+    engine.optimizer.train()
+    return (total[0] / total[1]).item()
+
+
+def run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool = False) -> dict:
+    out_dir = Path(cfg.log.out_dir)
+    rank0 = env.rank == 0
+    batches = Batches(corpus, cfg, env.rank, env.world_size)
+    ckpt = Checkpointer(out_dir, env.rank, cfg.checkpoint.keep)
+    opt = engine.optimizer
+    two_pass = cfg.optimizer_kwargs.get("sam_mode", "one_pass") == "two_pass"
+    opt.train()
+    engine.set_train(True)
+
+    step, state = 0, {}
+    resume_from = resolve_resume(cfg, ckpt)
+    if resume_from is not None:
+        state = Checkpointer.read_state(resume_from)
+        engine.load(resume_from)
+        step = int(state["step"])
+    tokens_per_step = cfg.train.global_batch_size * cfg.model.block_size
+    progress = Progress(rank0, out_dir, cfg.log.progress, step, cfg.train.max_steps, tokens_per_step)
+    baseline = state.get("unigram_baseline") or corpus.unigram_baseline()
+    progress.truncate_metrics(step)
+    if resume_from is not None:
+        progress.message(f"resumed from {resume_from} at step {step}")
+    progress.message(f"{cfg.engine.name} ({env.world_size} ranks, {env.device.type}, {cfg.engine.dtype}) | "
+                     f"{engine.module.num_params():,} params | {corpus.description} | "
+                     f"global batch {cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x "
+                     f"{env.world_size} ranks x {cfg.grad_accum} accum | unigram baseline {baseline:.4f}")
+    if dry_run:
+        return {"step": step, "dry_run": True}
+
+    stop = StopSignal()
+    val_loss, train_loss = state.get("val_loss"), state.get("train_loss", math.nan)
+    window = torch.zeros(2, dtype=torch.float64, device=env.device)  # [sum of losses, count] since last log
+
+    def job_state():
+        return {"train_loss": train_loss, "val_loss": val_loss, "unigram_baseline": baseline,
+                "world_size": env.world_size, "engine": cfg.engine.name, "config": cfg.to_dict()}
+
+    try:
+        while step < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            torch.manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + env.rank)  # dropout: resumable
+            micro = list(batches.micro_batches(step, env.device))
+            losses = [engine.forward_backward(x, y, i == len(micro) - 1) for i, (x, y) in enumerate(micro)]
+            if two_pass:
+                opt.move_to_ascent()
+                for i, (x, y) in enumerate(micro):
+                    engine.forward_backward(x, y, i == len(micro) - 1)
+                opt.move_from_ascent()
+            engine.step()
+            step += 1
+            # one small all-reduce: the loss for the log and the stop flag (a signal may reach one rank only)
+            flags = torch.stack([torch.stack(losses).mean().double(), torch.ones((), dtype=torch.float64,
+                                 device=env.device), torch.tensor(float(stop.signum), dtype=torch.float64,
+                                 device=env.device)]).to(env.device)
+            dist.all_reduce(flags)
+            window += flags[:2]
+            progress.train_time += time.perf_counter() - t0
+            progress.steps_timed += 1
+
+            last = step == cfg.train.max_steps
+            if step % cfg.log.interval == 0 or last:
+                train_loss = (window[0] / window[1]).item()  # mean over ranks and steps
+                window.zero_()
+                progress.record(step=step, train_loss=train_loss, tokens=step * tokens_per_step,
+                                tokens_per_s=progress.tokens_per_s())
+                progress.update(step, train_loss)
+            if (cfg.eval.interval and step % cfg.eval.interval == 0) or last:
+                val_loss = evaluate(engine, batches, env.device)
+                progress.record(step=step, val_loss=val_loss)
+                progress.message(f"step {step}: val loss {val_loss:.4f} (eval mode, x)")
+            signum = int(flags[2].item())
+            if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last or signum:
+                path = ckpt.save(engine, step, job_state())
+                progress.message(f"checkpoint: {path}")
+            if signum and not last:
+                raise Interrupted(signum, step)
+    finally:
+        stop.restore()
+
+    if cfg.checkpoint.export:
+        opt.eval()
+        export_path = out_dir / "export" / "model.pt"
+        export_weights(engine, export_path, env.rank,
+                       {"step": step, "model": vars(cfg.model), "weights": "x (optimizer eval mode)"})
+        opt.train()
+        progress.message(f"eval-mode (x) weights: {export_path}")
+    peaks = [None] * env.world_size
+    dist.all_gather_object(peaks, round(peak_memory_mib(env.device), 1))
+    summary = {"final_step": step, "train_loss": train_loss, "val_loss": val_loss, "unigram_baseline": baseline,
+               "tokens_per_s": progress.tokens_per_s(), "peak_mem_mib_per_rank": peaks}
+    if rank0:
+        progress.record(step=step, summary=summary)
+        png = plot_losses(progress.metrics_path, out_dir / "loss.png", baseline) if cfg.log.plot else None
+        if png:
+            progress.message(f"loss curve: {png}")
+        mem = "/".join(f"{p:.0f}" for p in peaks)
+        kind = "GPU" if env.device.type == "cuda" else "RSS"
+        progress.message(
+            f"done: step {step} | train loss {train_loss:.4f} | val loss {val_loss:.4f} "
+            f"(unigram baseline {baseline:.4f}) | {progress.tokens_per_s():,.0f} tok/s | "
+            f"peak {kind} MiB per rank {mem}")
+    return summary

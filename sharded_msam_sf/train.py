@@ -1,0 +1,90 @@
+"""The main job: train a GPT with AdamWMSAMScheduleFree from one JSON config.
+
+One node, two CPU ranks, the embedded default (DeepSpeed ZeRO-2, gloo, a byte-level
+model on the Python standard library's source)::
+
+    launch/torchrun.sh                      # = the line below
+    torchrun --standalone --nproc-per-node 2 -m sharded_msam_sf.train --config configs/default.json
+
+One GPU / one process (the global batch is kept; accumulation makes up the ranks)::
+
+    python -m sharded_msam_sf.train --config configs/gpt-1.3b-gpu.json --data /data/owt
+
+One node with 8 GPUs::
+
+    torchrun --standalone --nproc-per-node 8 -m sharded_msam_sf.train --config configs/gpt-1.3b-gpu.json --data /data/owt
+
+Two nodes with 8 GPUs each (run on both; node-rank 0 and 1)::
+
+    torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --rdzv-backend c10d \\
+        --rdzv-endpoint $MASTER_ADDR:29500 -m sharded_msam_sf.train --config configs/gpt-1.3b-gpu.json
+
+Also started by launch/deepspeed.sh, launch/mpirun.sh and launch/slurm.sbatch. Options:
+``--override section.key=value`` (repeatable; the value is JSON or a string),
+``--data PATH`` (a uint16/uint32 token file, or a directory with train.bin/val.bin),
+``--resume [PATH]`` (require a checkpoint; by default a run resumes if its out_dir has
+one), ``--dry-run`` (validate, build, print, exit). Only rank 0 logs and writes files
+other than sharded checkpoints. Exit status: 0 done, 2 bad config, 128+N after a
+checkpoint taken on signal N (SIGTERM/SIGINT).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .job.config import ConfigError, load_config
+
+DEFAULT_CONFIG = "configs/default.json"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m sharded_msam_sf.train", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"job config JSON (default: {DEFAULT_CONFIG})")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="set one config key, e.g. train.max_steps=50 (repeatable)")
+    p.add_argument("--data", help="token file (uint16/uint32 memmap) or directory with train.bin/val.bin")
+    p.add_argument("--resume", nargs="?", const="must", metavar="PATH",
+                   help="resume from the latest checkpoint in out_dir (error if none) or from PATH")
+    p.add_argument("--dry-run", action="store_true", help="validate the config, build everything, exit")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.override) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    try:  # every config error surfaces here, before any process group starts
+        cfg = load_config(args.config, overrides, data_path=args.data)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    import torch.distributed as dist
+
+    from .job.data import load_corpus
+    from .job.engines import build_engine, init_distributed
+    from .job.trainer import Interrupted, run
+
+    try:
+        corpus = load_corpus(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    engine = None
+    try:
+        env = init_distributed(cfg)
+        engine = build_engine(cfg, env)
+        run(cfg, env, engine, corpus, dry_run=args.dry_run)
+        return 0
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        if engine is not None:
+            engine.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
