@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -215,12 +215,20 @@ class AdamWMSAMScheduleFree(Optimizer):
         ps = self._with_m(group)
         F.add_scaled_(self._loc(ps), self._ms(ps), scale, foreach=self._foreach(group))
 
-    @staticmethod
-    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key: Hashable = None):
-        # the state of bf16/fp16 params is fp32; torch's default would cast it to the param dtype
-        if key in _STATE_KEYS and isinstance(value, Tensor) and value.is_floating_point():
-            return value.to(dtype=_state_dtype(param), device=param.device)
-        return Optimizer._process_value_according_to_param_policy(param, value, param_id, param_groups, key)
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """torch's loader casts float state to the param dtype; the state of bf16/fp16
+        params is fp32, so it is put back from the saved (fp32) tensors afterwards."""
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        ids = (pid for g in state_dict["param_groups"] for pid in g["params"])
+        params = (p for g in self.param_groups for p in g["params"])
+        for pid, p in zip(ids, params):
+            if pid not in saved or _state_dtype(p) == p.dtype:
+                continue
+            for key in _STATE_KEYS:
+                value = saved[pid].get(key)
+                if isinstance(value, Tensor):
+                    self.state[p][key] = value.to(device=p.device, dtype=_state_dtype(p), copy=True)
 
     # ------------------------------------------------------------------ modes
     def _require_train(self, call: str) -> None:
