@@ -31,16 +31,34 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from pathlib import Path
 
 from .job.config import ConfigError, load_config
 
 DEFAULT_CONFIG = "configs/default.json"
+_NOISE = (  # deprecation chatter from torch internals that users cannot act on
+    r"`torch.distributed.all_gather_into_tensor` is deprecated",
+    r"`torch.distributed.reduce_scatter_tensor` is deprecated",
+    r"Please use DTensor instead and we are deprecating ShardedTensor",
+    r"`_get_pg_default_device` will be deprecated",
+    r"Multiple backends are registered with this ProcessGroup",
+)
+
+
+def default_config_path() -> str:
+    """configs/default.json in the working directory, else the one next to the package (a clone)."""
+    here = Path(DEFAULT_CONFIG)
+    if here.is_file():
+        return str(here)
+    beside = Path(__file__).resolve().parents[1] / DEFAULT_CONFIG
+    return str(beside if beside.is_file() else here)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sharded_msam_sf.train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"job config JSON (default: {DEFAULT_CONFIG})")
+    p.add_argument("--config", default=None, help=f"job config JSON (default: {DEFAULT_CONFIG})")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="set one config key, e.g. train.max_steps=50 (repeatable)")
     p.add_argument("--data", help="token file (uint16/uint32 memmap) or directory with train.bin/val.bin")
@@ -54,11 +72,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = list(args.override) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     try:  # every config error surfaces here, before any process group starts
-        cfg = load_config(args.config, overrides, data_path=args.data)
+        cfg = load_config(args.config or default_config_path(), overrides, data_path=args.data)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
+    for pattern in _NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
     import torch.distributed as dist
 
     from .job.data import load_corpus

@@ -60,7 +60,7 @@ def run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool = False) -> d
     if resume_from is not None:
         progress.message(f"resumed from {resume_from} at step {step}")
     progress.message(f"{cfg.engine.name} ({env.world_size} ranks, {env.device.type}, {cfg.engine.dtype}) | "
-                     f"{engine.module.num_params():,} params | {corpus.description} | "
+                     f"{engine.n_params:,} params | {corpus.description} | "
                      f"global batch {cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x "
                      f"{env.world_size} ranks x {cfg.grad_accum} accum | unigram baseline {baseline:.4f}")
     if dry_run:
@@ -68,10 +68,12 @@ def run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool = False) -> d
 
     stop = StopSignal()
     val_loss, train_loss = state.get("val_loss"), state.get("train_loss", math.nan)
-    window = torch.zeros(2, dtype=torch.float64, device=env.device)  # [sum of losses, count] since last log
+    # [sum of losses, count] since the last log record; kept in checkpoints so a resumed log matches
+    window = torch.tensor(state.get("loss_window", [0.0, 0.0]), dtype=torch.float64, device=env.device)
 
     def job_state():
         return {"train_loss": train_loss, "val_loss": val_loss, "unigram_baseline": baseline,
+                "loss_window": window.tolist(),
                 "world_size": env.world_size, "engine": cfg.engine.name, "config": cfg.to_dict()}
 
     try:

@@ -1,0 +1,1 @@
+"""The main job's building blocks (see sharded_msam_sf/train.py)."""
