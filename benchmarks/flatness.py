@@ -1,7 +1,7 @@
 """The flatness study: does MSAM + Schedule-Free find flatter minima?
 
-    python benchmarks/flatness.py            # full study (~10-20 min on 2 shared CPU cores)
-    python benchmarks/flatness.py --quick    # smoke version (< 3 min), writes to runs/flatness_quick
+    python benchmarks/flatness.py            # full study: N = 300 and 1500, 5 seeds (~10 min here)
+    python benchmarks/flatness.py --quick    # N = 300, 2 seeds (< 1 min here), writes to runs/flatness_quick
 
 Model and data: an MLP (64-128-128-10, ReLU) on scikit-learn's bundled digits
 (1797 8×8 images, offline), a fixed stratified 80/20 split, features scaled
@@ -29,7 +29,8 @@ Measured at the evaluation weights (schedule-free x, ``optimizer.eval()``) and i
 ``model.eval()``: train/test cross-entropy and accuracy, the top Hessian eigenvalue
 of the training loss (power iteration), SAM sharpness of the training loss at
 ρ = 0.05, and the training loss along a filter-normalized random direction (1-D,
-and 2-D for seed 0). Mean ± std (sample std) over seeds.
+and 2-D for seed 0) with its rise at α = ±0.5 (a width measure that, unlike the
+Hessian, is not forced to 0 by a vanishing training loss). Mean ± std (sample std) over seeds.
 
 Output (``--out``): results.json, table.md, landscape_1d.png, landscape_2d.png,
 sharpness_vs_test_loss.png, hessian_convergence.png. Progress goes to stderr.
@@ -76,6 +77,7 @@ LR_ADAM, LR_SF, LR_PSGD = 3e-3, 2e-3, 3e-3
 WARMUP_FRAC = 0.05
 BATCH = 64
 SHARPNESS_RHO = 0.05
+RISE_AT = 0.5  # landscape_rise = mean of L(θ ± 0.5·d) − L(θ) along the 1-D direction
 
 
 def log(msg: str) -> None:
@@ -213,10 +215,12 @@ def measure(model, opt, data, cfg, with_2d: bool):
         if with_2d:
             grid = np.linspace(-1, 1, cfg.points_2d).tolist()
             l2 = loss_landscape_2d(model, ce_loss, train_batches, alphas=grid, betas=grid, seed=123)
+    a, ls = np.array(l1.alphas), np.array(l1.losses)
+    rise = 0.5 * (np.interp(-RISE_AT, a, ls) + np.interp(RISE_AT, a, ls)) - float(np.interp(0.0, a, ls))
     rec = dict(train_ce=tr_ce, train_acc=tr_acc, test_ce=te_ce, test_acc=te_acc,
                hessian_top=hess.eigenvalue, hessian_converged=hess.converged,
                hessian_iterations=hess.iterations, hessian_history=hess.history,
-               hessian_residual=hess.residual, sam_sharpness=sharp.sharpness,
+               hessian_residual=hess.residual, sam_sharpness=sharp.sharpness, landscape_rise=rise,
                landscape_1d=dict(alphas=l1.alphas, losses=l1.losses))
     if l2 is not None:
         rec["landscape_2d"] = dict(alphas=l2.alphas, betas=l2.betas, losses=l2.losses)
@@ -224,29 +228,30 @@ def measure(model, opt, data, cfg, with_2d: bool):
 
 
 # ---------------------------------------------------------------- study
-METRICS = ["train_ce", "test_ce", "train_acc", "test_acc", "hessian_top", "sam_sharpness"]
+METRICS = ["train_ce", "test_ce", "train_acc", "test_acc", "hessian_top", "sam_sharpness", "landscape_rise"]
 
 
-def runs_plan(steps: int):
-    """(optimizer, steps, budgets it belongs to)."""
+def runs_plan(budgets_n):
+    """(N, optimizer, steps, budgets it belongs to) for every N."""
     plan = []
-    for name in OPTIMIZERS:
-        if name in TWO_PASS:
-            plan.append((name, steps, ["steps"]))
-            plan.append((name, steps // 2, ["grads"]))
-        else:
-            plan.append((name, steps, ["steps", "grads"]))
+    for n in budgets_n:
+        for name in OPTIMIZERS:
+            if name in TWO_PASS:
+                plan.append((n, name, n, ["steps"]))
+                plan.append((n, name, n // 2, ["grads"]))
+            else:
+                plan.append((n, name, n, ["steps", "grads"]))
     return plan
 
 
 def summarize(records):
     rows = []
-    for budget in ("grads", "steps"):
+    for n, budget in [(n, b) for n in sorted({r["N"] for r in records}) for b in ("grads", "steps")]:
         for name in OPTIMIZERS:
-            rs = [r for r in records if r["optimizer"] == name and budget in r["budgets"]]
+            rs = [r for r in records if r["optimizer"] == name and budget in r["budgets"] and r["N"] == n]
             if not rs:
                 continue
-            row = dict(optimizer=name, budget=budget, steps=rs[0]["steps"], grad_evals=rs[0]["grad_evals"],
+            row = dict(N=n, optimizer=name, budget=budget, steps=rs[0]["steps"], grad_evals=rs[0]["grad_evals"],
                        seeds=len(rs), hessian_all_converged=all(r["hessian_converged"] for r in rs))
             for m in METRICS:
                 vals = [r[m] for r in rs]
@@ -262,31 +267,34 @@ def fmt(stat, digits=3, pct=False):
 
 
 def markdown_table(rows, cfg, wall):
-    head = ("| budget | optimizer | steps | grad evals | train CE | test CE | train acc % | test acc % "
-            "| top Hessian eig. | SAM sharpness (ρ=0.05) |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| N | budget | optimizer | steps | grad evals | train CE | test CE | train acc % | test acc % "
+            "| top Hessian eig. | SAM sharpness (ρ=0.05) | 1-D rise at α=±0.5 |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         conv = "" if r["hessian_all_converged"] else " †"
         lines.append(
-            f"| {r['budget']} | {LABELS[r['optimizer']]} | {r['steps']} | {r['grad_evals']} | {fmt(r['train_ce'])} "
+            f"| {r['N']} | {r['budget']} | {LABELS[r['optimizer']]} | {r['steps']} | {r['grad_evals']} | {fmt(r['train_ce'])} "
             f"| {fmt(r['test_ce'])} | {fmt(r['train_acc'], pct=True)} | {fmt(r['test_acc'], pct=True)} "
-            f"| {fmt(r['hessian_top'])}{conv} | {fmt(r['sam_sharpness'])} |")
+            f"| {fmt(r['hessian_top'])}{conv} | {fmt(r['sam_sharpness'])} | {fmt(r['landscape_rise'])} |")
     note = (f"\nMLP 64-128-128-10 on sklearn digits (1437 train / 360 test), batch {BATCH}, "
-            f"{cfg.seeds} seeds (mean ± sample std), N = {cfg.steps} gradient evaluations / steps. "
+            f"{cfg.seeds} seeds (mean ± sample std), N = {'/'.join(map(str, cfg.steps))} gradient evaluations / steps. "
             f"Measured at the evaluation weights (schedule-free x). "
+            f"1-D rise = mean of L(θ ± 0.5·d) − L(θ), d filter-normalized (train loss). "
             f"† = power iteration did not reach tol 1e-3 in {cfg.hessian_iters} iterations for some seed. "
             f"Wall time {wall / 60:.1f} min on {cfg.threads} thread(s).\n")
     return head + "\n".join(lines) + "\n" + note
 
 
 # ---------------------------------------------------------------- plots
-def plots(records, rows, out: Path):
+def plots(all_records, rows, out: Path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     colors = dict(zip(OPTIMIZERS, plt.get_cmap("tab10").colors))
+    n_max = max(r["N"] for r in all_records)
+    records = [r for r in all_records if r["N"] == n_max]  # the landscape plots show the longest runs
 
     # 1-D landscape, mean over seeds, one panel per budget
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
@@ -301,7 +309,7 @@ def plots(records, rows, out: Path):
                     ls="--" if name == "msam_sf_1p_plus" else "-")
         ax.set_yscale("log")
         ax.set_xlabel("α (filter-normalized random direction)")
-        ax.set_title(f"train loss along a random direction — equal {budget}")
+        ax.set_title(f"train loss along a random direction — equal {budget}, N = {n_max}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("train cross-entropy (mean over seeds)")
     axes[1].legend(fontsize=8)
@@ -327,17 +335,18 @@ def plots(records, rows, out: Path):
         for ax in axes[n:]:
             ax.axis("off")
         fig.colorbar(cs, ax=axes.tolist(), shrink=0.6, label="train cross-entropy")
-        fig.suptitle("train loss on a filter-normalized 2-D slice (seed 0, equal gradient evaluations)")
+        fig.suptitle(f"train loss on a filter-normalized 2-D slice (seed 0, equal gradient evaluations, N = {n_max})")
         fig.savefig(out / "landscape_2d.png", dpi=100)
         plt.close(fig)
 
     # sharpness vs test loss, every run
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     for ax, metric, title in ((axes[0], "hessian_top", "top Hessian eigenvalue"),
-                              (axes[1], "sam_sharpness", f"SAM sharpness (ρ={SHARPNESS_RHO})")):
+                              (axes[1], "sam_sharpness", f"SAM sharpness (ρ={SHARPNESS_RHO})"),
+                              (axes[2], "landscape_rise", f"1-D landscape rise at α=±{RISE_AT}")):
         for name in OPTIMIZERS:
             for budget, marker in (("grads", "o"), ("steps", "^")):
-                rs = [r for r in records if r["optimizer"] == name and budget in r["budgets"]]
+                rs = [r for r in all_records if r["optimizer"] == name and budget in r["budgets"]]
                 if budget == "steps" and name not in TWO_PASS:
                     continue  # same runs as the grads budget
                 ax.scatter([r[metric] for r in rs], [r["test_ce"] for r in rs], color=colors[name], marker=marker,
@@ -346,7 +355,7 @@ def plots(records, rows, out: Path):
         ax.set_xlabel(title + " (train loss, at x)")
         ax.set_ylabel("test cross-entropy")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "sharpness_vs_test_loss.png", dpi=110)
     plt.close(fig)
@@ -361,7 +370,7 @@ def plots(records, rows, out: Path):
     ax.set_yscale("log")
     ax.set_xlabel("Hessian-vector products")
     ax.set_ylabel("Rayleigh quotient λ_k")
-    ax.set_title("power iteration convergence (seed 0, equal grads)")
+    ax.set_title(f"power iteration convergence (seed 0, equal grads, N = {n_max})")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -373,15 +382,21 @@ def plots(records, rows, out: Path):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 300 steps, coarse grids (< 3 min)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, N = 300, coarse grids (< 3 min)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5; quick 2)")
-    p.add_argument("--steps", type=int, default=None, help="N: steps / gradient evaluations (default 1500; quick 300)")
+    p.add_argument("--steps", default=None,
+                   help="N: steps / gradient evaluations, comma-separated for several (default 300,1500; quick 300)")
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated subset of " + ",".join(OPTIMIZERS))
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; the machine is shared)")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/flatness; quick: runs/flatness_quick)")
     a = p.parse_args(argv)
     a.seeds = a.seeds if a.seeds is not None else (2 if a.quick else 5)
-    a.steps = a.steps if a.steps is not None else (300 if a.quick else 1500)
+    try:
+        a.steps = [int(v) for v in (a.steps or ("300" if a.quick else "300,1500")).split(",") if v.strip()]
+    except ValueError:
+        p.error(f"--steps must be comma-separated integers, got {a.steps!r}")
+    if not a.steps or min(a.steps) < 2:
+        p.error("--steps: every N must be >= 2")
     a.hessian_iters = 20 if a.quick else 50
     a.points_1d = 21 if a.quick else 41
     a.points_2d = 11 if a.quick else 25
@@ -393,9 +408,9 @@ def parse_args(argv=None):
     if bad:
         p.error(f"--optimizers: unknown {bad}, expected names from {OPTIMIZERS}")
     a.optimizers = names
-    for k in ("seeds", "steps", "threads"):
-        if getattr(a, k) < (2 if k == "steps" else 1):
-            p.error(f"--{k} must be >= {2 if k == 'steps' else 1}")
+    for k in ("seeds", "threads"):
+        if getattr(a, k) < 1:
+            p.error(f"--{k} must be >= 1")
     return a
 
 
@@ -408,18 +423,18 @@ def main(argv=None):
     data = load_digits_split()
     plan = runs_plan(cfg.steps)
     total = len(plan) * cfg.seeds
-    log(f"[flatness] {total} runs ({len(plan)} per seed × {cfg.seeds} seeds), N = {cfg.steps}, out = {cfg.out}")
+    log(f"[flatness] {total} runs ({len(plan)} per seed × {cfg.seeds} seeds), N in {cfg.steps}, out = {cfg.out}")
     t0 = time.time()
     records = []
     k = 0
     for seed in range(cfg.seeds):
-        for name, steps, budgets in plan:
+        for n_budget, name, steps, budgets in plan:
             k += 1
             t = time.time()
             model, opt, grads = train(name, seed, steps, data)
             t_train = time.time() - t
-            rec = measure(model, opt, data, cfg, with_2d=(seed == 0))
-            rec.update(optimizer=name, seed=seed, steps=steps, grad_evals=grads, budgets=budgets,
+            rec = measure(model, opt, data, cfg, with_2d=(seed == 0 and n_budget == max(cfg.steps)))
+            rec.update(N=n_budget, optimizer=name, seed=seed, steps=steps, grad_evals=grads, budgets=budgets,
                        train_seconds=t_train, measure_seconds=time.time() - t - t_train)
             records.append(rec)
             log(f"[flatness] {k:3d}/{total} seed {seed} {name:16s} steps {steps:5d}  train CE {rec['train_ce']:.4f} "

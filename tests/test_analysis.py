@@ -279,6 +279,31 @@ def test_evaluation_weights_uses_schedulefree_x_and_restores_training():
     assert not opt.param_groups[0]["train_mode"]
 
 
+def test_evaluation_weights_with_msam_one_pass_measures_x_and_returns_to_the_ascent_point():
+    from sharded_msam_sf import AdamWMSAMScheduleFree
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = AdamWMSAMScheduleFree(model.parameters(), lr=0.05, rho=0.5, sam_mode="one_pass")
+    opt.train()
+    batch = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    for _ in range(4):
+        ce_loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    at_ascent = [p.detach().clone() for p in model.parameters()]
+    opt.eval()
+    x_weights = [p.detach().clone() for p in model.parameters()]
+    expected = sam_sharpness(model, ce_loss, [batch]).sharpness
+    opt.train()
+    with evaluation_weights(opt):
+        assert sam_sharpness(model, ce_loss, [batch]).sharpness == pytest.approx(expected, rel=1e-6)
+        for p, x in zip(model.parameters(), x_weights):
+            torch.testing.assert_close(p.detach(), x)
+    for p, a in zip(model.parameters(), at_ascent):
+        torch.testing.assert_close(p.detach(), a)
+
+
 # ---------------------------------------------------------------- distributed
 def ce_loss(model, batch):
     x, y = batch
