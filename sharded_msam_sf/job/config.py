@@ -211,6 +211,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), world
         _set_override(raw, item)
     if data_path is not None:
         raw.setdefault("data", {})["path"] = data_path
+    if isinstance(raw.get("optimizer"), dict):  # the job has one optimizer: its type may be left out
+        raw["optimizer"].setdefault("type", "AdamWMSAMScheduleFree")
     cfg = _build(JobConfig, raw, "")
     validate(cfg, env_world_size() if world_size is None else world_size)
     return cfg
