@@ -112,6 +112,10 @@ class AdamWMSAMScheduleFree(Optimizer):
             (None: yes).
         backend: a :class:`~sharded_msam_sf.backends.Backend`; None detects it from the
             params (plain tensors / DDP, FSDP2 DTensors, FSDP1 flat params).
+        process_group: the group that reduces the norm, overriding the detected one
+            (with plain params: all-reduce the stats over it, as for DDP).
+        model: the wrapped model (DDP / FSDP1 / FSDP2), to find the engine's modules
+            without searching (see :func:`~sharded_msam_sf.backends.detect_backend`).
 
     Call ``train()`` before training and ``eval()`` before evaluating or saving
     weights for inference (the params then hold the averaged x).
@@ -133,6 +137,8 @@ class AdamWMSAMScheduleFree(Optimizer):
         foreach: Optional[bool] = None,
         *,
         backend: Optional[Backend] = None,
+        process_group=None,
+        model: Optional[torch.nn.Module] = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
@@ -148,7 +154,8 @@ class AdamWMSAMScheduleFree(Optimizer):
         params = list(params)
         super().__init__(params, defaults)
         if backend is None:
-            backend = detect_backend(p for g in self.param_groups for p in g["params"])
+            backend = detect_backend((p for g in self.param_groups for p in g["params"]),
+                                     process_group=process_group, model=model)
         self._backend = backend
 
     # ------------------------------------------------------------------ groups
@@ -400,12 +407,14 @@ class AdamWMSAMScheduleFree(Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """One optimizer step (see the class table for what it does in each mode)."""
-        self._require_train("step()")
+        init_call = self._is_state_init_call()  # allowed in eval mode: DCP loads into a fresh optimizer
+        if not init_call:
+            self._require_train("step()")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._is_state_init_call():
+        if init_call:
             for group in self.param_groups:
                 self._active(group, self._uses_ascent(group))
             return loss

@@ -1,0 +1,164 @@
+"""FSDP2 (``fully_shard``), HSDP, and any DTensor parameters.
+
+- **Local shards**: ``fully_shard`` parameters (and their gradients) are DTensors;
+  ``to_local()`` is a view of this rank's piece of the sharded storage that the
+  next all-gather reads, possibly uneven or empty. The optimizer state is created
+  with ``clone``/``zeros_like`` of the DTensor param, so it is a DTensor with the
+  same mesh and placements: ``torch.distributed.checkpoint`` can save it sharded
+  and reshard it on load. The math only ever sees ``to_local()`` views.
+- **Norm group**: the mesh dimension whose placement is ``Shard`` (1-D FSDP mesh:
+  the whole mesh; HSDP ``(Replicate, Shard(0))``: the shard dimension's group
+  only — replicas hold the same shard and must not be counted twice).
+- **Out-of-step changes**: FSDP2 keeps the root module unsharded after a forward
+  (and every module whose ``reshard_after_forward``/``reshard_after_backward`` is
+  off), and a later forward reuses those full parameters without reading the
+  shards. After every change (train/eval swap, ascent, removal, step)
+  ``params_changed()`` calls ``FSDPModule.reshard()`` on the FSDP modules that own
+  the params, which frees the stale unsharded copies (no communication); the next
+  forward all-gathers the new values as usual. The modules are found from the
+  params (torch's registry of ``fully_shard`` states) or from ``model=``.
+"""
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._comm import all_reduce_stats_, group_ranks
+from .base import Backend
+
+__all__ = ["FSDP2Backend", "is_dtensor", "fsdp2_modules"]
+
+
+def _dtensor_cls():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - very old torch
+        return None
+    return DTensor
+
+
+def is_dtensor(t: Tensor) -> bool:
+    cls = _dtensor_cls()
+    return cls is not None and isinstance(t, cls)
+
+
+def _fsdp_param_groups(state) -> list:
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:  # torch < 2.8 had one group per state
+        one = getattr(state, "_fsdp_param_group", None)
+        groups = [one] if one is not None else []
+    return [g for g in groups if g is not None]
+
+
+def _owns(state, ids: set) -> bool:
+    for pg in _fsdp_param_groups(state):
+        for fp in getattr(pg, "fsdp_params", ()):
+            if id(getattr(fp, "sharded_param", None)) in ids:
+                return True
+    return False
+
+
+def fsdp2_modules(params: Sequence[Tensor], model: Optional[torch.nn.Module] = None) -> List[torch.nn.Module]:
+    """The ``fully_shard`` modules that own any of ``params`` (one per FSDP state).
+
+    With ``model`` the search walks ``model.modules()``; otherwise it reads torch's
+    registry of composable states (``torch.distributed._composable_state``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return []
+    ids = {id(p) for p in params}
+    if model is not None:
+        candidates = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    else:
+        from torch.distributed import _composable_state as cs
+        candidates = [m for m in list(cs._module_state_mapping.keys()) if isinstance(m, FSDPModule)]
+    out, seen = [], set()
+    for m in candidates:
+        state = m._get_fsdp_state()
+        if id(state) in seen or not _owns(state, ids):
+            continue
+        seen.add(id(state))
+        out.append(m)
+    return out
+
+
+class FSDP2Backend(Backend):
+    """DTensor parameters: FSDP2 ``fully_shard`` on a 1-D mesh, HSDP on a 2-D mesh."""
+
+    name = "fsdp2"
+
+    def __init__(self, params: Iterable[Tensor], *, process_group=None,
+                 model: Optional[torch.nn.Module] = None) -> None:
+        params = list(params)
+        plain = [p for p in params if not is_dtensor(p)]
+        if plain:
+            raise ValueError(
+                f"AdamWMSAMScheduleFree: {len(plain)} of {len(params)} parameters are plain tensors next to "
+                "DTensor (FSDP2) parameters; their squared norm would be counted once per rank. Apply "
+                "fully_shard to the root module too (fully_shard(model) after the blocks), or give the "
+                "replicated parameters their own optimizer")
+        self._device = params[0].device if params else None
+        if process_group is None:
+            process_group = self._shard_group(params)
+        self._group = process_group
+        self._modules = fsdp2_modules(params, model)
+
+    @staticmethod
+    def _shard_group(params: Sequence[Tensor]):
+        layouts = {}
+        for p in params:
+            placements = tuple(p.placements)
+            if any(pl.is_partial() for pl in placements):
+                raise ValueError("AdamWMSAMScheduleFree: a DTensor parameter has a Partial placement; "
+                                 "parameters must be Shard or Replicate")
+            dims = tuple(i for i, pl in enumerate(placements) if pl.is_shard())
+            layouts.setdefault((p.device_mesh, dims), 0)
+            layouts[(p.device_mesh, dims)] += 1
+        if len(layouts) > 1:
+            desc = ", ".join(f"mesh {tuple(m.mesh.shape)} sharded on dims {d}: {n} params"
+                             for (m, d), n in layouts.items())
+            raise ValueError(
+                "AdamWMSAMScheduleFree: the DTensor parameters are sharded over different meshes or mesh "
+                f"dimensions ({desc}); pass process_group= (the group over which the sums of squares of "
+                "the local shards add up to the global one, counting each element once)")
+        if not layouts:
+            return None
+        (mesh, dims), = layouts.keys()
+        if len(dims) == 0:
+            raise ValueError(
+                "AdamWMSAMScheduleFree: the DTensor parameters are replicated on every mesh dimension; "
+                "pass process_group= explicitly (or use plain tensors: the local back end)")
+        if len(dims) > 1:
+            raise ValueError(
+                f"AdamWMSAMScheduleFree: the DTensor parameters are sharded over {len(dims)} mesh dimensions "
+                f"{dims}; pass process_group= (a group spanning those dimensions, e.g. "
+                "mesh[(names)]._flatten().get_group())")
+        return mesh.get_group(dims[0])
+
+    @property
+    def process_group(self):
+        return self._group
+
+    @property
+    def fsdp_modules(self) -> List[torch.nn.Module]:
+        return list(self._modules)
+
+    def local(self, t: Tensor) -> Tensor:
+        if is_dtensor(t):
+            # under no_grad (every optimizer method) this is the DTensor's own local
+            # tensor: a view of the sharded storage, written in place
+            return t.to_local()
+        return t
+
+    def all_reduce_(self, stats: Tensor) -> None:
+        all_reduce_stats_(stats, self._group, self._device)
+
+    def params_changed(self) -> None:
+        for m in self._modules:
+            m.reshard()
+
+    def __repr__(self) -> str:
+        return (f"FSDP2Backend(group_ranks={group_ranks(self._group)}, fsdp_modules={len(self._modules)})")

@@ -1,0 +1,372 @@
+"""Shared pieces of the multi-rank back-end tests (DDP, FSDP1, FSDP2, HSDP, DCP).
+
+Every scenario runs the same loop on a wrapped model (each rank on its slice of the
+global batch, losses are means, so the engine's gradient averaging gives the
+global-batch gradient) and on an unwrapped copy with the single-process optimizer
+(the full global batch on every rank, no communication), then compares the
+eval-mode weights. The model has odd sizes so that shards are uneven and the last
+layer's shards are empty on rank 1 (FSDP2) and FSDP1 flat params carry padding.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sharded_msam_sf import AdamWMSAMScheduleFree
+
+TOL = 1e-5
+HP = dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, warmup_steps=2)
+GLOBAL_BATCH = 8
+D_IN = 4
+
+
+def make_model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(D_IN, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 1))
+
+
+def global_batch(step: int, n: int = GLOBAL_BATCH):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(n, D_IN, generator=g), torch.randn(n, 1, generator=g)
+
+
+def local_slice(t: torch.Tensor, dp_rank: int, dp_size: int) -> torch.Tensor:
+    per = t.shape[0] // dp_size
+    return t[dp_rank * per:(dp_rank + 1) * per]
+
+
+def mse(model, x, y):
+    return ((model(x) - y) ** 2).mean()
+
+
+# ---------------------------------------------------------------- wrapping
+def wrap(engine: str, model: nn.Sequential, *, mp: bool = False, mesh=None):
+    """Wrap ``model`` (in place where the engine does) for ``engine`` in
+    ddp | fsdp2 | hsdp | fsdp1_orig | fsdp1_flat."""
+    if engine == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model)
+    if engine in ("fsdp2", "hsdp"):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        kw = {}
+        if engine == "hsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+            kw["mesh"] = mesh or init_device_mesh("cpu", (2, dist.get_world_size() // 2),
+                                                  mesh_dim_names=("replicate", "shard"))
+        elif mesh is not None:
+            kw["mesh"] = mesh
+        if mp:
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        fully_shard(model[0], **kw)
+        fully_shard(model[2], **kw)
+        fully_shard(model, **kw)
+        return model
+    if engine in ("fsdp1_orig", "fsdp1_flat"):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, MixedPrecision
+        kw = dict(device_id=torch.device("cpu"), use_orig_params=engine == "fsdp1_orig")
+        if mp:
+            kw["mixed_precision"] = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                   buffer_dtype=torch.float32)
+        model[0] = FSDP(model[0], **kw)
+        model[2] = FSDP(model[2], **kw)
+        return FSDP(model, **kw)
+    raise ValueError(engine)
+
+
+def param_groups(engine: str, wrapped: nn.Module, ref: nn.Module, wd: float = 0.1):
+    """(groups for the wrapped model, the same groups for the reference): decay / no decay.
+
+    FSDP1 flat params mix weights and biases, so there the decay group is the first
+    Linear's unit (its weight and bias) and the rest is the no-decay group."""
+    if engine == "fsdp1_flat":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        first = [m._handle.flat_param for m in FSDP.fsdp_modules(wrapped)
+                 if m._handle is not None and isinstance(m.module, nn.Linear) and m.module.in_features == D_IN]
+        ids = {id(p) for p in first}
+        rest = [p for p in wrapped.parameters() if id(p) not in ids]
+        ref_first = list(ref[0].parameters())
+        ref_ids = {id(p) for p in ref_first}
+        ref_rest = [p for p in ref.parameters() if id(p) not in ref_ids]
+        return ([{"params": first, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}],
+                [{"params": ref_first, "weight_decay": wd}, {"params": ref_rest, "weight_decay": 0.0}])
+
+    def split(named):
+        named = list(named)
+        return ([{"params": [p for n, p in named if n.endswith("weight")], "weight_decay": wd},
+                 {"params": [p for n, p in named if not n.endswith("weight")], "weight_decay": 0.0}])
+    return split(wrapped.named_parameters()), split(ref.named_parameters())
+
+
+def full_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The full (unsharded) weights, every rank, clean FQNs (collective for sharded models)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if not any(True for _ in model.parameters()):
+        return {}
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    out = {}
+    for k, v in sd.items():
+        if hasattr(v, "full_tensor"):
+            v = v.full_tensor()
+        out[k] = v.detach().float().clone()
+    return out
+
+
+def max_abs_diff(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b), (sorted(a), sorted(b))
+    return max(float((a[k] - b[k].reshape(a[k].shape)).abs().max()) for k in a)
+
+
+# ---------------------------------------------------------------- the loop
+def run_loop(model, opt, *, mode: str, steps: int, dp_rank: int, dp_size: int, switch_at: Optional[int] = None,
+             nan_at: Optional[int] = None, nan_fn: Optional[Callable] = None, record: Optional[dict] = None,
+             start: int = 0, final_eval: bool = True):
+    """The seed's loop (two_pass) or MSAM's (one_pass) on this rank's slice of each global batch.
+
+    ``switch_at``: after that step, eval() + an eval forward (which leaves FSDP roots
+    unsharded) + train(). ``nan_fn(step)`` runs after the (first) backward of step
+    ``nan_at``. ``record`` collects the ascent scales and eval losses."""
+    opt.train()
+    model.train()
+    for i in range(start, steps):
+        x, y = global_batch(i)
+        x, y = local_slice(x, dp_rank, dp_size), local_slice(y, dp_rank, dp_size)
+        mse(model, x, y).backward()
+        if nan_at == i and nan_fn is not None:
+            nan_fn(i)
+        if mode == "two_pass":
+            opt.move_to_ascent()
+            if record is not None:
+                record.setdefault("scale", []).append(opt.param_groups[0]["ascent_scale"])
+            mse(model, x, y).backward()
+            opt.move_from_ascent()
+        opt.step()
+        if mode == "one_pass" and record is not None:
+            record.setdefault("scale", []).append(opt.param_groups[0]["ascent_scale"])
+        opt.zero_grad(set_to_none=True)
+        if switch_at is not None and i == switch_at:
+            opt.eval()
+            model.eval()
+            with torch.no_grad():
+                xe, ye = global_batch(10_000)
+                loss = mse(model, xe, ye)
+            if record is not None:
+                record.setdefault("eval_loss", []).append(float(loss))
+            model.train()
+            opt.train()
+    if final_eval:
+        opt.eval()
+
+
+def reference_run(engine: str, wrapped: nn.Module, ref: nn.Module, *, mode: str, steps: int, **kw):
+    """The single-process optimizer on ``ref`` with the full global batch (no communication)."""
+    _, ref_groups = param_groups(engine, wrapped, ref)
+    opt = AdamWMSAMScheduleFree(ref_groups, sam_mode=mode, **HP)
+    assert type(opt.backend).__name__ == "LocalBackend"
+    run_loop(ref, opt, mode=mode, steps=steps, dp_rank=0, dp_size=1, **kw)
+    return opt
+
+
+def global_norm(opt) -> float:
+    """||m|| over every group with rho > 0, through the optimizer's own back end."""
+    from sharded_msam_sf import functional as F
+    rows = []
+    for g in opt.param_groups:
+        ps = opt._with_m(g)
+        rows.append(F.ascent_stats(opt._ms(ps), [], beta_m=None, foreach=True))
+    stats = torch.cat([torch.stack(rows)[:, 0], torch.zeros(1, dtype=torch.float64)])
+    opt.backend.all_reduce_(stats)
+    return math.sqrt(float(stats[:-1].sum()))
+
+
+def reference_norm(opt) -> float:
+    total = 0.0
+    for g in opt.param_groups:
+        for p in g["params"]:
+            st = opt.state.get(p, {})
+            if "exp_avg" in st:
+                total += float(st["exp_avg"].double().square().sum())
+    return math.sqrt(total)
+
+
+# ---------------------------------------------------------------- collectives
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+                "broadcast", "reduce", "all_to_all", "all_to_all_single", "gather", "scatter", "barrier",
+                "all_gather_object", "broadcast_object_list", "all_reduce_coalesced", "_reduce_scatter_base",
+                "_all_gather_base", "send", "recv", "isend", "irecv", "batch_isend_irecv")
+
+
+@contextmanager
+def count_collectives():
+    """Count calls of torch.distributed collectives: ``counts['total']`` (anyone) and
+    ``counts['ours']`` (issued from inside the sharded_msam_sf package)."""
+    import sys
+    import torch.distributed.distributed_c10d as c10d
+    counts = {"total": 0, "ours": 0, "ours_calls": []}
+    saved = []
+
+    def wrapper(name, fn):
+        def counted(*args, **kwargs):
+            counts["total"] += 1
+            f = sys._getframe(1)
+            while f is not None:
+                fname = f.f_code.co_filename.replace("\\", "/")
+                if "/sharded_msam_sf/" in fname and "/tests/" not in fname:
+                    counts["ours"] += 1
+                    t = args[0] if args else kwargs.get("tensor")
+                    counts["ours_calls"].append((name, tuple(t.shape) if hasattr(t, "shape") else None))
+                    break
+                f = f.f_back
+            return fn(*args, **kwargs)
+        return counted
+
+    for mod in (dist, c10d):
+        for name in _COLLECTIVES:
+            fn = getattr(mod, name, None)
+            if fn is not None:
+                saved.append((mod, name, fn))
+    originals = {}
+    for mod, name, fn in saved:
+        key = id(fn)
+        if key not in originals:
+            originals[key] = wrapper(name, fn)
+        setattr(mod, name, originals[key])
+    try:
+        yield counts
+    finally:
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+# ---------------------------------------------------------------- scenarios
+def _nan_into(opt, rank_to_poison: int, rank: int):
+    """Write a NaN into the first non-empty local gradient, on ``rank_to_poison`` only."""
+    def poison(step):
+        if rank != rank_to_poison:
+            return
+        for g in opt.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                loc = opt.backend.local(p.grad)
+                if loc.numel():
+                    loc.view(-1)[0] = float("nan")
+                    return
+        raise AssertionError("no local gradient to poison")
+    return poison
+
+
+def check_equivalence(engine: str, mode: str, rank: int, world_size: int, *, steps: int = 8, switch_at: int = 3,
+                      nan_at: Optional[int] = 5, nan_rank: int = 1, nan_via_data: bool = False, dp_rank=None,
+                      dp_size=None, opt_kwargs: Optional[dict] = None, results: Optional[dict] = None) -> float:
+    """Run ``engine`` and the single-process control; assert weights, eval losses, ascent
+    scales, the global norm and the skipped steps agree. Returns the max |diff| of the weights."""
+    dp_rank = rank if dp_rank is None else dp_rank
+    dp_size = world_size if dp_size is None else dp_size
+    base = make_model(seed=3)
+    ref = clone_model(base)
+    wrapped = wrap(engine, clone_model(base))
+    groups, _ = param_groups(engine, wrapped, ref)
+    opt = AdamWMSAMScheduleFree(groups, sam_mode=mode, **HP, **(opt_kwargs or {}))
+
+    rec, ref_rec = {}, {}
+    if nan_at is not None and nan_via_data:
+        # a NaN in this rank's input: the engine's gradient averaging spreads it to every rank
+        real = global_batch
+
+        def patched(step, n=GLOBAL_BATCH):
+            x, y = real(step, n)
+            if step == nan_at:
+                x = x.clone()
+                per = x.shape[0] // dp_size
+                x[nan_rank * per] = float("nan")
+            return x, y
+        globals()["global_batch"] = patched
+    try:
+        nan_fn = None if (nan_at is None or nan_via_data) else _nan_into(opt, nan_rank, rank)
+        run_loop(wrapped, opt, mode=mode, steps=steps, dp_rank=dp_rank, dp_size=dp_size, switch_at=switch_at,
+                 nan_at=nan_at, nan_fn=nan_fn, record=rec, final_eval=False)
+        ref_nan = None
+        if nan_at is not None and not nan_via_data:
+            def ref_nan(step):
+                for p in ref.parameters():
+                    p.grad.view(-1)[0] = float("nan")
+                    return
+        ref_opt = reference_run(engine, wrapped, ref, mode=mode, steps=steps, switch_at=switch_at, nan_at=nan_at,
+                                nan_fn=ref_nan, record=ref_rec, final_eval=False)
+    finally:
+        if nan_at is not None and nan_via_data:
+            globals()["global_batch"] = real
+
+    # the global ||m|| through the back end's one all-reduce equals the unsharded one
+    norm, ref_norm = global_norm(opt), reference_norm(ref_opt)
+    assert ref_norm > 0 and abs(norm - ref_norm) <= 1e-6 * ref_norm, (engine, mode, norm, ref_norm)
+    # the ascent scale s = ±rho/||m|| of every step (0 where skipped)
+    assert len(rec["scale"]) == len(ref_rec["scale"]) == steps
+    for a, b in zip(rec["scale"], ref_rec["scale"]):
+        assert abs(a - b) <= 1e-5 * max(abs(b), 1e-12), (engine, mode, rec["scale"], ref_rec["scale"])
+    expected_skips = 0 if nan_at is None else 1
+    assert opt.skipped_steps == ref_opt.skipped_steps == expected_skips, (opt.skipped_steps, ref_opt.skipped_steps)
+    for a, b in zip(rec["eval_loss"], ref_rec["eval_loss"]):
+        assert abs(a - b) <= TOL, (engine, mode, "eval loss", a, b)
+
+    opt.eval()
+    ref_opt.eval()
+    ours, theirs = full_weights(wrapped), {k: v.detach().float() for k, v in ref.state_dict().items()}
+    diff = max_abs_diff(ours, theirs)
+    # the trajectory must have moved (a no-op optimizer would pass a loose check)
+    moved = max_abs_diff(theirs, {k: v.detach().float() for k, v in base.state_dict().items()})
+    assert moved > 1e-3, moved
+    assert diff <= TOL, (engine, mode, diff)
+    # every rank computed on its own shard; all ranks hold the same result
+    if results is not None:
+        results[(engine, mode)] = diff
+    return diff
+
+
+def check_collectives(engine: str, rank: int, world_size: int, *, steps: int = 3, expect_per_step=None,
+                      dp_rank=None, dp_size=None, opt_kwargs: Optional[dict] = None) -> Dict[str, int]:
+    """Count collectives: ours per step (one_pass, two_pass), none in train()/eval(), and the
+    difference against torch.optim.AdamW in the same loop. Returns the per-step counts."""
+    dp_rank = rank if dp_rank is None else dp_rank
+    dp_size = world_size if dp_size is None else dp_size
+    expect_per_step = expect_per_step or {"one_pass": 1, "two_pass": 2}
+    out = {}
+    for mode in ("one_pass", "two_pass"):
+        totals = {}
+        for which in ("ours", "adamw"):
+            model = wrap(engine, make_model(seed=5))
+            if which == "ours":
+                opt = AdamWMSAMScheduleFree(model.parameters(), sam_mode=mode, **HP, **(opt_kwargs or {}))
+            else:
+                opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+                opt.train = opt.eval = lambda: None
+                opt.move_from_ascent = lambda: None
+                opt.move_to_ascent = lambda: opt.zero_grad(set_to_none=True)
+            run_loop(model, opt, mode=mode, steps=1, dp_rank=dp_rank, dp_size=dp_size, final_eval=False)
+            with count_collectives() as c:
+                run_loop(model, opt, mode=mode, steps=1 + steps, start=1, dp_rank=dp_rank, dp_size=dp_size,
+                         final_eval=False)
+            totals[which] = c["total"]
+            if which == "ours":
+                assert c["ours"] == expect_per_step[mode] * steps, (engine, mode, c["ours"], c["ours_calls"])
+                n_groups = len(opt.param_groups)
+                assert all(name == "all_reduce" and shape == (n_groups + 1,) for name, shape in c["ours_calls"]), \
+                    c["ours_calls"]
+                out[mode] = c["ours"] // steps
+                with count_collectives() as c2:
+                    opt.eval()
+                    opt.train()
+                    opt.eval()
+                assert c2["ours"] == 0 and c2["total"] == 0, (engine, c2)
+        assert totals["ours"] - totals["adamw"] == expect_per_step[mode] * steps, (engine, mode, totals)
+    return out
