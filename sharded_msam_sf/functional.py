@@ -110,7 +110,7 @@ def add_scaled_(params: Sequence[Tensor], ms: Sequence[Tensor], scale: float, *,
         torch._foreach_add_(list(params), list(ms), alpha=scale)
         return
     for p, m in zip(params, ms):
-        if p.dtype == m.dtype:
+        if p.dtype == m.dtype or torch.promote_types(p.dtype, m.dtype) == p.dtype:  # (bf16 state: m narrower)
             p.add_(m, alpha=scale)
         else:
             p.copy_(p.to(m.dtype).add_(m, alpha=scale))
@@ -138,6 +138,8 @@ def swap_y_x_(params: Sequence[Tensor], zs: Sequence[Tensor], weight: float, *, 
     for p, z in zip(params, zs):
         if p.dtype == z.dtype:
             p.lerp_(z, weight)
+        elif torch.promote_types(p.dtype, z.dtype) == p.dtype:  # bf16 state, wider params
+            p.lerp_(z.to(p.dtype), weight)
         else:
             p.copy_(p.to(z.dtype).lerp_(z, weight))
 

@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
+from . import fused_compile as K
 from .backends import Backend, detect_backend
 
 __all__ = ["AdamWMSAMScheduleFree", "SAM_MODES", "default_rho"]
@@ -50,7 +51,9 @@ def default_rho(sam_mode: str) -> float:
     return _DEFAULT_RHO[sam_mode]
 
 
-def _state_dtype(p: Tensor) -> torch.dtype:
+def _state_dtype(p: Tensor, state_dtype: Optional[torch.dtype] = None) -> torch.dtype:
+    if state_dtype is not None:  # the group's state_dtype (bf16: stochastically rounded state)
+        return state_dtype
     return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
@@ -87,6 +90,12 @@ def _validate_group(group: Dict[str, Any]) -> None:
     _check_range("ascent_beta", ab, ab is None or (isinstance(ab, (int, float)) and 0.0 <= ab < 1.0), "None (= beta1) or 0 <= ascent_beta < 1")
     fe = group["foreach"]
     _check_range("foreach", fe, fe is None or isinstance(fe, bool), "None, True or False")
+    fu = group.get("fused")
+    _check_range("fused", fu, fu is None or isinstance(fu, bool), "None, True or False")
+    if fu and fe:
+        raise ValueError("Invalid fused/foreach: fused=True and foreach=True cannot be set together")
+    sd = group.get("state_dtype")
+    _check_range("state_dtype", sd, sd in (None, torch.float32, torch.bfloat16), "None, torch.float32 or torch.bfloat16")
 
 
 class AdamWMSAMScheduleFree(Optimizer):
@@ -110,6 +119,14 @@ class AdamWMSAMScheduleFree(Optimizer):
             ``y + ρ·m/||m||`` after folding the first gradient into m).
         foreach (bool or None): use the ``torch._foreach_*`` multi-tensor path
             (None: yes).
+        fused (bool or None): the fused step (``fused_compile.py``: torch.compile'd kernels,
+            one stats pass and one update pass per tensor). None (default): fused for
+            tensors of at least 65536 elements when ``foreach`` is not given and compilation
+            is available (else foreach, with one warning); True: every tensor, an error if
+            compilation is unavailable; False: the ``foreach`` choice.
+        state_dtype (torch.dtype or None): dtype of z, v, m. None: fp32 for bf16/fp16
+            params, the param dtype otherwise; ``torch.bfloat16`` halves the optimizer
+            memory, with stochastic rounding (see docs/performance.md for its effect).
         backend: a :class:`~sharded_msam_sf.backends.Backend`; None detects it from the
             params (plain tensors / DDP, FSDP2 DTensors, FSDP1 flat params).
         process_group: the group that reduces the norm, overriding the detected one
@@ -137,6 +154,8 @@ class AdamWMSAMScheduleFree(Optimizer):
         foreach: Optional[bool] = None,
         *,
         backend: Optional[Backend] = None,
+        fused: Optional[bool] = None,
+        state_dtype: Optional[torch.dtype] = None,
         process_group=None,
         model: Optional[torch.nn.Module] = None,
     ) -> None:
@@ -144,6 +163,7 @@ class AdamWMSAMScheduleFree(Optimizer):
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
             weight_decay=weight_decay, warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
             rho=rho, ascent_beta=ascent_beta, sam_mode=sam_mode, foreach=foreach,
+            fused=fused, state_dtype=state_dtype,
             # counters and mode (schedulefree's names where they overlap)
             k=0, train_mode=False, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0,
             ascent_scale=0.0, at_ascent=False, skipped_steps=0, skip_pending=False,
@@ -191,14 +211,23 @@ class AdamWMSAMScheduleFree(Optimizer):
     def _foreach(self, group: Dict[str, Any]) -> bool:
         return True if group["foreach"] is None else group["foreach"]
 
+    def _impl(self, group: Dict[str, Any]) -> str:
+        """The step's kernels (``fused_compile.IMPLS``): fused, auto (fused where it pays), foreach, single."""
+        fused = group.get("fused")
+        if fused:
+            return "fused"
+        if fused is None and group["foreach"] is None:
+            return "auto"
+        return "foreach" if self._foreach(group) else "single"
+
     def _uses_ascent(self, group: Dict[str, Any]) -> bool:
         return group["rho"] > 0.0
 
     # ------------------------------------------------------------------ state
-    def _init_state(self, p: Tensor, with_m: bool) -> Dict[str, Tensor]:
+    def _init_state(self, p: Tensor, with_m: bool, state_dtype: Optional[torch.dtype] = None) -> Dict[str, Tensor]:
         state = self.state[p]
         if "z" not in state:
-            dtype = _state_dtype(p)
+            dtype = _state_dtype(p, state_dtype)
             state["z"] = p.detach().clone(memory_format=torch.preserve_format).to(dtype)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         if with_m and "exp_avg" not in state:
@@ -228,14 +257,14 @@ class AdamWMSAMScheduleFree(Optimizer):
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
         ids = (pid for g in state_dict["param_groups"] for pid in g["params"])
-        params = (p for g in self.param_groups for p in g["params"])
-        for pid, p in zip(ids, params):
-            if pid not in saved or _state_dtype(p) == p.dtype:
+        params = ((p, g.get("state_dtype")) for g in self.param_groups for p in g["params"])
+        for pid, (p, sdt) in zip(ids, params):
+            if pid not in saved or _state_dtype(p, sdt) == p.dtype:
                 continue
             for key in _STATE_KEYS:
                 value = saved[pid].get(key)
                 if isinstance(value, Tensor):
-                    self.state[p][key] = value.to(device=p.device, dtype=_state_dtype(p), copy=True)
+                    self.state[p][key] = value.to(device=p.device, dtype=_state_dtype(p, sdt), copy=True)
 
     # ------------------------------------------------------------------ modes
     def _require_train(self, call: str) -> None:
@@ -312,7 +341,8 @@ class AdamWMSAMScheduleFree(Optimizer):
                 continue
             active, _inactive = parts[gi]
             ms = self._ms(active)
-            F.fold_momentum_(ms, self._loc(p.grad for p in active), self._beta_m(group), foreach=self._foreach(group))
+            K.fold_momentum_(ms, self._loc(p.grad for p in active), self._beta_m(group), impl=self._impl(group),
+                             step=group["k"])
             group["ascent_scale"] = F.ascent_scale(group["rho"], group.get("_ascent_sign", 1.0), norm)
         if skip:
             self._warn_skip("move_to_ascent()")
@@ -342,7 +372,7 @@ class AdamWMSAMScheduleFree(Optimizer):
         """(params with a gradient — state created —, params with momentum but no gradient)."""
         active = [p for p in group["params"] if p.grad is not None]
         for p in active:
-            self._init_state(p, with_m)
+            self._init_state(p, with_m, group.get("state_dtype"))
         ids = {id(p) for p in active}
         inactive = [p for p in self._with_m(group) if id(p) not in ids] if with_m else []
         return active, inactive
@@ -357,12 +387,11 @@ class AdamWMSAMScheduleFree(Optimizer):
             with_m = fold and self._uses_ascent(group)
             active, inactive = self._active(group, with_m)
             parts.append((active, inactive))
-            fe = self._foreach(group)
             grads = self._loc(p.grad for p in active)
-            row = F.ascent_stats(self._ms(active) if with_m else [], grads,
-                                 beta_m=self._beta_m(group), foreach=fe)
+            row = K.ascent_stats(self._ms(active) if with_m else [], grads,
+                                 beta_m=self._beta_m(group), impl=self._impl(group))
             if inactive:
-                row = row + F.ascent_stats(self._ms(inactive), [], beta_m=None, foreach=fe)
+                row = row + K.ascent_stats(self._ms(inactive), [], beta_m=None, impl=self._impl(group))
             rows.append(row)
         if not rows:
             return torch.zeros(1, dtype=torch.float64), parts
@@ -478,11 +507,11 @@ class AdamWMSAMScheduleFree(Optimizer):
             return
         st = [self.state[p] for p in active]
         b1, b2 = group["betas"]
-        F.sf_adamw_update_(
+        K.sf_adamw_update_(
             self._loc(active), self._loc(p.grad for p in active),
             [self._backend.local(s["z"]) for s in st], [self._backend.local(s["exp_avg_sq"]) for s in st],
             self._ms(active) if with_m else None,
             lr=lr, beta1=b1, beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"], ckp1=ckp1,
             bias_correction2=bc2, beta_m=beta_m if with_m else None, remove_scale=remove,
-            apply_scale=apply, foreach=self._foreach(group),
+            apply_scale=apply, impl=self._impl(group), step=group["k"],
         )

@@ -1,0 +1,195 @@
+"""The fused (torch.compile'd) step follows the same trajectory as the foreach and
+single-tensor paths and the x/y/z reference: both modes, weight decay, warm-up, two
+groups, params without gradients, an eval/train switch, NaN skips, bf16 params, rho=0
+against schedulefree; plus the dispatch rules (auto threshold, fallback, no recompiles).
+
+Compilation is the cost here: every test uses fp32 (or bf16) tensors of a few sizes,
+so the kernels compile once per dtype combination and are reused (dynamic shapes,
+hyperparameters passed as symbolic floats). Inductor also caches them on disk.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import schedulefree
+import torch
+from torch import nn
+
+from sharded_msam_sf import AdamWMSAMScheduleFree, AdamWMSAMScheduleFreeReference
+from sharded_msam_sf import fused_compile as K
+
+from .models import batch, decay_groups, flat, mse, tiny_mlp
+
+pytestmark = pytest.mark.skipif(not K.compile_available("cpu"), reason="torch.compile unavailable on CPU")
+
+HP = dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, warmup_steps=10, r=0.5, weight_lr_power=2.0)
+SIZES = (5, 16, 4)  # no tensor of one element (torch.compile would specialise it)
+
+
+def run(make_opt, mode, steps=30, dtype=torch.float32, nan_at=None, model_seed=0):
+    """A training run with two groups, the first bias without a gradient every third
+    step and an eval → train switch; returns the eval-mode weights and the optimizer."""
+    model = tiny_mlp(seed=model_seed, sizes=SIZES).to(dtype)
+    x, y = batch(d_in=SIZES[0], d_out=SIZES[-1], dtype=dtype)
+    opt = make_opt(decay_groups(model))
+    opt.train()
+    for i in range(steps):
+        mse(model, x, y).backward()
+        if mode == "two_pass":
+            opt.move_to_ascent()
+            mse(model, x, y).backward()
+            opt.move_from_ascent()
+        if i % 3 == 2:
+            list(model.parameters())[1].grad = None
+        if nan_at is not None and i == nan_at:
+            list(model.parameters())[0].grad[0, 0] = float("nan")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            opt.step()
+        opt.zero_grad()
+        if i == steps // 2:
+            opt.eval()
+            opt.train()
+    opt.eval()
+    return flat(model), opt
+
+
+def calls():
+    return K.compile_counters()["calls"]
+
+
+@pytest.mark.parametrize("mode", ["one_pass", "two_pass"])
+def test_fused_equals_foreach_single_and_reference(mode):
+    before = calls()
+    fused, _ = run(lambda g: AdamWMSAMScheduleFree(g, sam_mode=mode, fused=True, **HP), mode)
+    assert calls() > before, "the fused kernels were not used"
+    foreach, _ = run(lambda g: AdamWMSAMScheduleFree(g, sam_mode=mode, foreach=True, **HP), mode)
+    single, _ = run(lambda g: AdamWMSAMScheduleFree(g, sam_mode=mode, foreach=False, **HP), mode)
+    ref, _ = run(lambda g: AdamWMSAMScheduleFreeReference(g, sam_mode=mode, **HP), mode)
+    moved = (foreach - flat(tiny_mlp(sizes=SIZES))).abs().max().item()
+    assert moved > 1e-2
+    assert (fused - foreach).abs().max().item() <= 2e-6
+    assert (fused - single).abs().max().item() <= 2e-6
+    assert (fused - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["one_pass", "two_pass"])
+def test_fused_rho0_equals_schedulefree(mode):
+    fused, _ = run(lambda g: AdamWMSAMScheduleFree(g, sam_mode=mode, rho=0.0, fused=True, **HP), mode)
+    sf, _ = run(lambda g: schedulefree.AdamWScheduleFree(g, foreach=True, **HP), "one_pass")
+    assert (fused - sf).abs().max().item() <= 2e-6
+
+
+def test_fused_nan_step_is_skipped():
+    """A NaN gradient at step 7 skips that step: same weights as the foreach path doing the same."""
+    fused, opt = run(lambda g: AdamWMSAMScheduleFree(g, fused=True, **HP), "one_pass", nan_at=7)
+    foreach, _ = run(lambda g: AdamWMSAMScheduleFree(g, foreach=True, **HP), "one_pass", nan_at=7)
+    assert opt.skipped_steps == 1
+    assert torch.isfinite(fused).all()
+    assert (fused - foreach).abs().max().item() <= 2e-6
+
+
+@pytest.mark.parametrize("mode", ["one_pass", "two_pass"])
+def test_fused_bf16_params(mode):
+    """bf16 params with fp32 state: the state agrees tightly, the params to a bf16 ulp."""
+    fused, of = run(lambda g: AdamWMSAMScheduleFree(g, sam_mode=mode, fused=True, **HP), mode, dtype=torch.bfloat16)
+    foreach, oe = run(lambda g: AdamWMSAMScheduleFree(g, sam_mode=mode, foreach=True, **HP), mode,
+                      dtype=torch.bfloat16)
+    zf = torch.cat([s["z"].reshape(-1) for s in of.state.values()])
+    ze = torch.cat([s["z"].reshape(-1) for s in oe.state.values()])
+    assert zf.dtype == torch.float32
+    assert (zf - ze).abs().max().item() <= 1e-5
+    diff = (fused.float() - foreach.float()).abs()
+    assert (diff <= 2 ** -7 * foreach.float().abs().clamp_min(1e-3)).all(), diff.max()
+
+
+def test_auto_default_fuses_large_tensors_only():
+    """fused=None, foreach=None: tensors of >= AUTO_MIN_NUMEL elements go through the
+    compiled kernels, small ones through foreach; same trajectory as foreach."""
+    torch.manual_seed(0)
+    big = nn.Parameter(torch.randn(K.AUTO_MIN_NUMEL) * 0.1)
+    small = nn.Parameter(torch.randn(7))
+    big2, small2 = nn.Parameter(big.detach().clone()), nn.Parameter(small.detach().clone())
+    auto = AdamWMSAMScheduleFree([big, small], **HP)
+    ref = AdamWMSAMScheduleFree([big2, small2], foreach=True, **HP)
+    auto.train(), ref.train()
+    target = torch.randn(K.AUTO_MIN_NUMEL)
+    before = calls()
+    for _ in range(8):
+        for b, s in ((big, small), (big2, small2)):
+            ((b - target) ** 2).sum().backward()
+            (s ** 4).sum().backward()
+        auto.step(), ref.step()
+        auto.zero_grad(), ref.zero_grad()
+    assert calls() - before == 8 * 2  # one stats and one update call per step, for the big tensor only
+    assert (big - big2).abs().max().item() <= 2e-6
+    assert (small - small2).abs().max().item() <= 2e-6
+
+
+def test_no_recompiles_over_steps():
+    """Changing lr, c_t, bc2, the scales and the tensor sizes does not recompile."""
+    from torch._dynamo.utils import counters
+    run(lambda g: AdamWMSAMScheduleFree(g, fused=True, **HP), "one_pass", steps=4)
+    graphs = counters["stats"]["unique_graphs"]
+    run(lambda g: AdamWMSAMScheduleFree(g, fused=True, **{**HP, "lr": 0.003}), "one_pass", steps=12)
+    mlp = tiny_mlp(sizes=(9, 13, 6))
+    opt = AdamWMSAMScheduleFree(mlp.parameters(), fused=True, weight_decay=0.05)
+    opt.train()
+    x, y = batch(d_in=9, d_out=6)
+    for _ in range(3):
+        mse(mlp, x, y).backward()
+        opt.step(), opt.zero_grad()
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compile_failure_falls_back_once(monkeypatch):
+    """auto: a failing compiler gives one warning and the foreach trajectory; fused=True raises."""
+    def broken(name):
+        def fn(*a, **k):
+            raise RuntimeError("no compiler here")
+        return fn
+    monkeypatch.setattr(K, "_kernel", broken)
+    monkeypatch.setattr(K, "_state", {"failed": None, "warned": False, "calls": 0})
+    monkeypatch.setattr(K, "AUTO_MIN_NUMEL", 1)
+    with pytest.raises(RuntimeError, match="fused=True"):
+        run(lambda g: AdamWMSAMScheduleFree(g, fused=True, **HP), "one_pass", steps=2)
+    monkeypatch.setattr(K, "_state", {"failed": None, "warned": False, "calls": 0})
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        model = tiny_mlp(sizes=SIZES)
+        opt = AdamWMSAMScheduleFree(decay_groups(model), **HP)
+        opt.train()
+        x, y = batch(d_in=SIZES[0], d_out=SIZES[-1])
+        for _ in range(3):
+            mse(model, x, y).backward()
+            opt.step(), opt.zero_grad()
+    fallback = [w for w in rec if "fused step is unavailable" in str(w.message)]
+    assert len(fallback) == 1
+    model2 = tiny_mlp(sizes=SIZES)
+    opt2 = AdamWMSAMScheduleFree(decay_groups(model2), foreach=True, **HP)
+    opt2.train()
+    for _ in range(3):
+        mse(model2, x, y).backward()
+        opt2.step(), opt2.zero_grad()
+    assert torch.equal(flat(model), flat(model2))
+
+
+def test_fused_and_foreach_together_is_an_error():
+    with pytest.raises(ValueError, match="fused=True and foreach=True"):
+        AdamWMSAMScheduleFree([nn.Parameter(torch.zeros(3))], fused=True, foreach=True)
+
+
+def test_noncontiguous_param_goes_eager():
+    """A non-contiguous param is updated by the eager path inside a fused step."""
+    w = nn.Parameter(torch.randn(6, 4).t())   # 4x6, not contiguous
+    w2 = nn.Parameter(w.detach().clone())      # contiguous copy
+    assert not w.is_contiguous()
+    a = AdamWMSAMScheduleFree([w], fused=True, **HP)
+    b = AdamWMSAMScheduleFree([w2], foreach=True, **HP)
+    a.train(), b.train()
+    for _ in range(5):
+        for p in (w, w2):
+            (p.sin() ** 2).sum().backward()
+        a.step(), b.step(), a.zero_grad(), b.zero_grad()
+    assert (w - w2).abs().max().item() <= 2e-6
