@@ -121,6 +121,46 @@ def test_zero_hessian_gives_zero_eigenvalue():
     assert res.eigenvalue == 0.0 and res.converged
 
 
+class TinyAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = nn.Linear(3, 9, bias=False)
+        self.out = nn.Linear(3, 2, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.squeeze(1)).mean(1)
+
+
+def test_top_eigenvalue_through_attention_matches_dense_hessian():
+    # scaled_dot_product_attention's fused kernels have no double backward; the HVP
+    # must still work and equal the dense Hessian's largest-magnitude eigenvalue.
+    model = TinyAttention().to(DT)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(2, 5, 3, generator=g, dtype=DT), torch.randint(0, 2, (2,), generator=g))
+               for _ in range(2)]
+    res = top_hessian_eigenvalue(model, ce_loss, batches, iters=500, tol=1e-12)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss_of(flat):
+        chunks, i = {}, 0
+        for n, shp in zip(names, shapes):
+            chunks[n] = flat[i:i + shp.numel()].view(shp)
+            i += shp.numel()
+        return sum(ce_loss(lambda x: torch.func.functional_call(model, chunks, (x,)), b)
+                   for b in batches) / len(batches)
+
+    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+        dense = torch.autograd.functional.hessian(loss_of, flat0)
+    eigs = torch.linalg.eigvalsh(dense)
+    top = eigs[eigs.abs().argmax()]
+    assert res.eigenvalue == pytest.approx(float(top), rel=1e-6)
+
+
 # ---------------------------------------------------------------- landscape
 def test_landscape_1d_of_quadratic_is_parabola():
     model, batches, A, c = quad_problem()

@@ -314,8 +314,19 @@ def _mean_grad_fsdp2(layout: Layout, loss_fn: LossFn, batches: Sequence, count: 
     return float(s.item()) / count, grads
 
 
+def _math_attention():
+    """scaled_dot_product_attention on its math backend: the fused kernels (flash,
+    memory-efficient, the CPU flash kernel) have no double backward."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def hvp(layout: Layout, loss_fn: LossFn, batches: Sequence, vector: list) -> list:
-    """∇²L(θ)·v by double backward (Pearlmutter's trick): ∇_θ (∇_θ L · v)."""
+    """∇²L(θ)·v by double backward (Pearlmutter's trick): ∇_θ (∇_θ L · v).
+    Attention runs on the math SDPA backend here (see ``_math_attention``)."""
     if layout.kind == "fsdp2":
         raise NotImplementedError(
             "Hessian-vector products are not available for FSDP2 models: fully_shard "
@@ -328,7 +339,8 @@ def hvp(layout: Layout, loss_fn: LossFn, batches: Sequence, vector: list) -> lis
     count = global_batch_count(layout, batches)
     out = [torch.zeros_like(p) for p in layout.params]
     for b in batches:
-        loss = _scalar(loss_fn(layout.forward_module, b))
+        with _math_attention():
+            loss = _scalar(loss_fn(layout.forward_module, b))
         gs = torch.autograd.grad(loss, layout.params, create_graph=True, allow_unused=True)
         pairs = [(g, v) for g, v in zip(gs, vector) if g is not None]
         if not pairs:

@@ -5,6 +5,8 @@ products.
 
 Hessian-vector products by double backward (Pearlmutter 1994):
 Hv = ∇_θ (∇_θ L(θ) · v), exact, at the cost of about two backward passes per batch.
+The forward runs with ``scaled_dot_product_attention`` forced to its math backend,
+since the fused attention kernels have no double backward.
 
 Power iteration: v_0 ~ N(0, I) (seeded, the same on every rank), v ← v / ||v||,
 then repeat
