@@ -19,11 +19,30 @@ GLOBAL_BATCH = 8
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+SHM_BUILD_COMMAND = 'DS_ACCELERATOR=cpu python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"'
+_shm_built = False
+
+
 def build_shm_op() -> None:
-    """Build DeepSpeed's CPU shm comm op once, in one process (two ranks building it at once can abort)."""
+    """Build DeepSpeed's CPU shm comm op once, in one process (two ranks building it at once can
+    abort); a no-op when it is already in the torch extensions cache. Same as SHM_BUILD_COMMAND."""
+    global _shm_built
+    if _shm_built:
+        return
     code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
     env = dict(os.environ, DS_ACCELERATOR="cpu")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, timeout=900)
+    _shm_built = True
+
+
+try:
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def shm_op():
+        build_shm_op()
+except ImportError:  # pragma: no cover
+    pass
 
 
 class Net(torch.nn.Module):

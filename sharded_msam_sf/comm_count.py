@@ -1,0 +1,140 @@
+"""Count the collectives a piece of code issues: calls and bytes per kind.
+
+::
+
+    from sharded_msam_sf.comm_count import CommCounter
+    with CommCounter() as cc:          # enter it before deepspeed.initialize: DeepSpeed keeps
+        engine.step()                  # references to some torch.distributed functions
+    print(cc.summary())                # {"all_reduce": {"calls": 1, "bytes": 24}, ...}
+
+The counter wraps the ``torch.distributed`` collectives (module attributes and
+``distributed_c10d``), and the references DeepSpeed's comm backend caches at init
+(``all_gather_function``, ``reduce_scatter_function``), for as long as it is active.
+Bytes are those of the tensor(s) this rank passes in (the output for all-gather-type
+calls: what a rank receives). ``reset()`` starts a new count; ``counting=False`` pauses.
+Nested calls (a DeepSpeed wrapper calling a torch one) are counted once, at the outermost.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+from collections import defaultdict
+from typing import Any, Callable, Dict, List, Tuple
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["CommCounter", "COLLECTIVES"]
+
+# name -> index of the argument whose size is counted (the received tensor for gathers)
+COLLECTIVES: Dict[str, Tuple[int, str]] = {
+    "all_reduce": (0, "tensor"),
+    "all_reduce_coalesced": (0, "tensors"),
+    "reduce": (0, "tensor"),
+    "broadcast": (0, "tensor"),
+    "all_gather": (0, "tensor_list"),
+    "all_gather_into_tensor": (0, "output_tensor"),
+    "_all_gather_base": (0, "output_tensor"),
+    "all_gather_coalesced": (0, "output_tensor_lists"),
+    "reduce_scatter": (1, "input_list"),
+    "reduce_scatter_tensor": (1, "input"),
+    "_reduce_scatter_base": (1, "input"),
+    "all_to_all": (1, "input_tensor_list"),
+    "all_to_all_single": (1, "input"),
+    "gather": (0, "tensor"),
+    "scatter": (0, "tensor"),
+    "barrier": (-1, ""),
+    "send": (0, "tensor"),
+    "recv": (0, "tensor"),
+    "isend": (0, "tensor"),
+    "irecv": (0, "tensor"),
+}
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o) for o in obj)
+    return 0
+
+
+class CommCounter:
+    """Counts torch.distributed collectives (calls and bytes per kind) while active."""
+
+    def __init__(self) -> None:
+        self.calls: Dict[str, int] = defaultdict(int)
+        self.bytes: Dict[str, int] = defaultdict(int)
+        self.counting = True
+        self._saved: List[Tuple[Any, str, Callable]] = []
+        self._local = threading.local()
+
+    # ------------------------------------------------------------------ counting
+    def reset(self) -> None:
+        self.calls.clear()
+        self.bytes.clear()
+
+    def summary(self) -> Dict[str, Dict[str, int]]:
+        return {k: {"calls": self.calls[k], "bytes": self.bytes[k]} for k in sorted(self.calls)}
+
+    @property
+    def total_calls(self) -> int:
+        return sum(self.calls.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+    def _wrap(self, name: str, fn: Callable) -> Callable:
+        index, keyword = COLLECTIVES[name]
+        counter = self
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            depth = getattr(counter._local, "depth", 0)
+            if depth == 0 and counter.counting:
+                arg = args[index] if 0 <= index < len(args) else kwargs.get(keyword)
+                counter.calls[name] += 1
+                counter.bytes[name] += _nbytes(arg)
+            counter._local.depth = depth + 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                counter._local.depth = depth
+
+        wrapper.__comm_count_original__ = fn
+        return wrapper
+
+    def _patch(self, obj: Any, attr: str, name: str) -> None:
+        fn = getattr(obj, attr, None)
+        if fn is None or not callable(fn):
+            return
+        self._saved.append((obj, attr, fn))
+        setattr(obj, attr, self._wrap(name, getattr(fn, "__comm_count_original__", fn)))
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> "CommCounter":
+        from torch.distributed import distributed_c10d as c10d
+        originals: Dict[int, str] = {}
+        for name in COLLECTIVES:
+            for mod in (dist, c10d):
+                fn = getattr(mod, name, None)
+                if fn is not None:
+                    originals[id(fn)] = name
+                    self._patch(mod, name, name)
+        try:  # DeepSpeed's comm backend keeps references taken at init
+            from deepspeed.comm import comm as ds_comm
+            cdb = getattr(ds_comm, "cdb", None)
+            for attr in ("all_gather_function", "reduce_scatter_function"):
+                fn = getattr(cdb, attr, None) if cdb is not None else None
+                base = getattr(fn, "__comm_count_original__", fn)
+                if fn is not None and id(base) in originals:
+                    self._patch(cdb, attr, originals[id(base)])
+        except ImportError:
+            pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for obj, attr, fn in reversed(self._saved):
+            setattr(obj, attr, fn)
+        self._saved.clear()
