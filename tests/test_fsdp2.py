@@ -74,7 +74,16 @@ def _mixed_precision(rank, world_size):
         print(f"MAXDIFF fsdp2-bf16 one_pass {diff:.3e}")
 
 
+def _errors(rank, world_size):
+    import pytest
+    model = C.wrap("fsdp2", C.make_model())
+    extra = torch.nn.Parameter(torch.zeros(3))   # a replicated plain tensor next to the shards
+    with pytest.raises(ValueError, match="fully_shard"):
+        C.AdamWMSAMScheduleFree(list(model.parameters()) + [extra])
+
+
 def _misc(rank, world_size):
+    _errors(rank, world_size)
     _stale_root(rank, world_size)
     _collectives(rank, world_size)
     _mixed_precision(rank, world_size)
