@@ -115,7 +115,10 @@ class _TorchEngine:
     def full_state_dict(self) -> dict | None:
         """The full, unsharded model weights on rank 0 (None elsewhere); collective."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # cpu_offload gathers to rank 0's host memory (a 1.3B model does not fit twice on a GPU); on CPU
+        # it is pointless, and FSDP1's offload path segfaults on CPU tensors (torch 2.13)
+        offload = self.env.device.type == "cuda"
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
         return sd if self.env.rank == 0 else None
 
     def close(self) -> None:
