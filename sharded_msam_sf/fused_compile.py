@@ -208,19 +208,20 @@ def _warn_fallback() -> None:
                       "using the foreach path from now on", RuntimeWarning, stacklevel=4)
 
 
-def _eligible(impl: str, tensors: Sequence[Optional[Tensor]]) -> bool:
-    """Whether this (p, g, z, v[, m]) tuple goes through a compiled kernel."""
+def _eligible(impl: str, tensors: Sequence[Optional[Tensor]], state: Sequence[Optional[Tensor]] = ()) -> bool:
+    """Whether this (p, g, z, v[, m]) tuple goes through a compiled kernel (``state``: its z, v, m)."""
     if impl not in ("fused", "auto"):
         return False
     p = tensors[0]
     n = p.numel()
-    if n == 0 or (impl == "auto" and n < AUTO_MIN_NUMEL):
+    # small tensors do not pay back a compiled call's overhead, except with bf16 state,
+    # whose eager path (fp32 copies, rounding in separate ops) is slower still
+    small_ok = any(t is not None and _is_low(t) for t in state)
+    if n == 0 or (impl == "auto" and n < AUTO_MIN_NUMEL and not small_ok):
         return False
     if any(t is not None and (not t.is_contiguous() or t.numel() != n or t.device != p.device
                               or t.layout != torch.strided) for t in tensors):
-        if impl == "fused":
-            return False  # non-contiguous or odd layouts go eager, even when fused is asked
-        return False
+        return False  # non-contiguous or odd layouts go eager, even when fused is asked
     reason = _unavailable_reason(p.device)
     if reason is None:
         return True
@@ -269,7 +270,7 @@ def ascent_stats(ms: Sequence[Tensor], grads: Sequence[Tensor], *, beta_m: Optio
     if impl in ("fused", "auto") and (beta_m is not None or not ms):
         for i, g in enumerate(grads):
             m = ms[i] if ms else None
-            if _eligible(impl, (g.view(-1) if g.is_contiguous() else g, m)):
+            if _eligible(impl, (g, m), (m,)):
                 if m is not None:
                     sc = _scalars(g.device, sc_cache, beta_m=beta_m, one_minus_beta_m=1.0 - beta_m)
                     out = _call(impl, "stats", m.view(-1), g.view(-1), sc)
@@ -323,7 +324,7 @@ def sf_adamw_update_(
         if m is not None and not fold:  # m present but not folded (never in the optimizer): eager
             rest.append(i)
             continue
-        if not _eligible(impl, (p, g, z, v, m)):
+        if not _eligible(impl, (p, g, z, v, m), (z, v, m)):
             rest.append(i)
             continue
         seed = step_seed(step, i)
