@@ -267,7 +267,8 @@ def _nan_into(opt, rank_to_poison: int, rank: int):
 
 def check_equivalence(engine: str, mode: str, rank: int, world_size: int, *, steps: int = 8, switch_at: int = 3,
                       nan_at: Optional[int] = 5, nan_rank: int = 1, nan_via_data: bool = False, dp_rank=None,
-                      dp_size=None, opt_kwargs: Optional[dict] = None, results: Optional[dict] = None) -> float:
+                      dp_size=None, opt_kwargs: Optional[dict] = None, pass_model: bool = False,
+                      results: Optional[dict] = None) -> float:
     """Run ``engine`` and the single-process control; assert weights, eval losses, ascent
     scales, the global norm and the skipped steps agree. Returns the max |diff| of the weights."""
     dp_rank = rank if dp_rank is None else dp_rank
@@ -276,7 +277,8 @@ def check_equivalence(engine: str, mode: str, rank: int, world_size: int, *, ste
     ref = clone_model(base)
     wrapped = wrap(engine, clone_model(base))
     groups, _ = param_groups(engine, wrapped, ref)
-    opt = AdamWMSAMScheduleFree(groups, sam_mode=mode, **HP, **(opt_kwargs or {}))
+    extra = dict(opt_kwargs or {}, **({"model": wrapped} if pass_model else {}))
+    opt = AdamWMSAMScheduleFree(groups, sam_mode=mode, **HP, **extra)
 
     rec, ref_rec = {}, {}
     if nan_at is not None and nan_via_data:
@@ -334,7 +336,8 @@ def check_equivalence(engine: str, mode: str, rank: int, world_size: int, *, ste
 
 
 def check_collectives(engine: str, rank: int, world_size: int, *, steps: int = 3, expect_per_step=None,
-                      dp_rank=None, dp_size=None, opt_kwargs: Optional[dict] = None) -> Dict[str, int]:
+                      dp_rank=None, dp_size=None, opt_kwargs: Optional[dict] = None,
+                      pass_model: bool = False) -> Dict[str, int]:
     """Count collectives: ours per step (one_pass, two_pass), none in train()/eval(), and the
     difference against torch.optim.AdamW in the same loop. Returns the per-step counts."""
     dp_rank = rank if dp_rank is None else dp_rank
@@ -346,7 +349,8 @@ def check_collectives(engine: str, rank: int, world_size: int, *, steps: int = 3
         for which in ("ours", "adamw"):
             model = wrap(engine, make_model(seed=5))
             if which == "ours":
-                opt = AdamWMSAMScheduleFree(model.parameters(), sam_mode=mode, **HP, **(opt_kwargs or {}))
+                extra = dict(opt_kwargs or {}, **({"model": model} if pass_model else {}))
+                opt = AdamWMSAMScheduleFree(model.parameters(), sam_mode=mode, **HP, **extra)
             else:
                 opt = torch.optim.AdamW(model.parameters(), lr=0.01)
                 opt.train = opt.eval = lambda: None
