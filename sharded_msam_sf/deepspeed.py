@@ -294,3 +294,69 @@ def _gathered(p: torch.Tensor) -> torch.Tensor:
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
             return p.detach().clone()
     return p.detach()
+
+
+# ---------------------------------------------------------------------- demo / launcher smoke run
+def main(argv: Optional[list] = None) -> int:
+    """``python -m sharded_msam_sf.deepspeed --config configs/zero2-cpu.json``: a tiny regression
+    model trained with the config's optimizer section on synthetic data — the program the
+    launch scripts (launch/deepspeed.sh, launch/mpirun.sh, torchrun) start to check a setup."""
+    import argparse
+    import time
+    parser = argparse.ArgumentParser(prog="python -m sharded_msam_sf.deepspeed", description=main.__doc__)
+    parser.add_argument("--config", required=True, help="DeepSpeed JSON config naming AdamWMSAMScheduleFree")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--dist-backend", default=None, help="gloo, nccl, mpi, ccl (default: DeepSpeed's choice)")
+    parser.add_argument("--save-dir", default=None, help="engine.save_checkpoint here at the end")
+    parser.add_argument("--export", default=None, help="write the eval-mode (x) weights as an fp32 state dict here")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, args.width), torch.nn.GELU(), torch.nn.Linear(args.width, 1))
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    engine, optimizer, _, _ = initialize(model=model, config=args.config, dist_backend=args.dist_backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = next(engine.module.parameters()).device
+    dtype = next(engine.module.parameters()).dtype
+    micro = engine.train_micro_batch_size_per_gpu()
+    gen = torch.Generator().manual_seed(1234 + rank)
+    w_true = torch.randn(16, 1, generator=torch.Generator().manual_seed(7))
+
+    def batch():
+        x = torch.randn(micro, 16, generator=gen)
+        return x.to(device, dtype), (x @ w_true).to(device)
+
+    optimizer.train()
+    t0 = time.time()
+    for step in range(args.steps):
+        for _ in range(engine.gradient_accumulation_steps()):
+            x, y = batch()
+            loss = torch.nn.functional.mse_loss(engine(x).float(), y)
+            engine.backward(loss)
+            if optimizer.sam_mode == "two_pass":
+                optimizer.move_to_ascent()
+                engine.backward(torch.nn.functional.mse_loss(engine(x).float(), y))
+                optimizer.move_from_ascent()
+            engine.step()
+        if rank == 0 and (step % 5 == 0 or step == args.steps - 1):
+            print(f"step {step:4d}  loss {loss.item():.4f}", flush=True)
+    optimizer.eval()
+    with torch.no_grad():
+        x, y = batch()
+        eval_loss = torch.nn.functional.mse_loss(engine(x).float(), y).item()
+    if args.export:
+        optimizer.save_eval_weights(args.export)
+    optimizer.train()
+    if args.save_dir:
+        engine.save_checkpoint(args.save_dir)
+    if rank == 0:
+        print(f"done: world={world} {optimizer!r} eval_loss={eval_loss:.4f} "
+              f"({time.time() - t0:.1f} s)", flush=True)
+    engine.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
