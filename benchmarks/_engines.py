@@ -1,0 +1,205 @@
+"""Shared by memory.py and comm.py: spawn N gloo ranks on the CPU, build a fixed model
+under an engine (DeepSpeed ZeRO-1/2/3, FSDP2, DDP) with our optimizer or AdamW, run steps.
+
+Every rank binds to 127.0.0.1; DeepSpeed runs with ``DS_ACCELERATOR=cpu``.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from typing import Any, Callable, Dict
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+BATCH = 4  # per rank
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+        out = fn(rank, world, *args)
+        queue.put((rank, "ok", out))
+    except BaseException:
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable, world: int, *args, timeout: float = 1800.0) -> Dict[int, Any]:
+    """``fn(rank, world, *args)`` on ``world`` gloo ranks; returns {rank: result}."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    results, errors = {}, []
+    import time
+    deadline = time.monotonic() + timeout
+    while len(results) + len(errors) < world and time.monotonic() < deadline:
+        if not queue.empty():
+            rank, status, payload = queue.get()
+            (results.__setitem__(rank, payload) if status == "ok" else errors.append(f"rank {rank}:\n{payload}"))
+        else:
+            time.sleep(0.05)
+    for p in procs:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+    if errors or len(results) < world:
+        raise RuntimeError("\n".join(errors) or f"ranks timed out after {timeout} s")
+    return results
+
+
+# ----------------------------------------------------------------------------- model
+class MLP(torch.nn.Module):
+    def __init__(self, width: int, layers: int):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(layers))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.tanh(x)
+        return x
+
+
+def make_model(width: int, layers: int) -> MLP:
+    torch.manual_seed(0)
+    return MLP(width, layers)
+
+
+def n_params(width: int, layers: int) -> int:
+    return layers * (width * width + width)
+
+
+def batch(step: int, width: int, world: int, rank: int):
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(BATCH * world, width, generator=g)
+    y = torch.randn(BATCH * world, width, generator=g)
+    return x[rank * BATCH:(rank + 1) * BATCH], y[rank * BATCH:(rank + 1) * BATCH]
+
+
+def ds_config(stage: int, world: int) -> Dict[str, Any]:
+    return {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
+            "train_batch_size": BATCH * world, "zero_optimization": {"stage": stage},
+            "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+
+
+OPTS = {  # name -> (ours?, kwargs)
+    "ours": (True, dict(lr=0.0025, weight_decay=0.1)),
+    "ours_bf16": (True, dict(lr=0.0025, weight_decay=0.1, state_dtype=torch.bfloat16)),
+    "ours_two_pass": (True, dict(lr=0.0025, weight_decay=0.1, sam_mode="two_pass")),
+    "adamw": (False, dict(lr=0.001, weight_decay=0.1)),
+}
+
+
+class Run:
+    """An engine + optimizer on this rank: ``step(k)`` runs forward/backward/step;
+    ``client`` is the torch optimizer that holds the state."""
+
+    def __init__(self, engine_name: str, opt_name: str, width: int, layers: int, world: int, rank: int):
+        from sharded_msam_sf import AdamWMSAMScheduleFree
+        self.engine_name, self.opt_name, self.width, self.world, self.rank = engine_name, opt_name, width, world, rank
+        ours, kw = OPTS[opt_name]
+        model = make_model(width, layers)
+        self.ds = engine_name.startswith("zero")
+        self.wrapper = None
+        if self.ds:
+            import deepspeed
+            stage = int(engine_name[-1])
+            params = list(model.parameters())
+            if ours:
+                from sharded_msam_sf.backends.deepspeed import DeepSpeedBackend, DeepSpeedDriver
+                from sharded_msam_sf.deepspeed import DeepSpeedMSAMOptimizer
+                client = AdamWMSAMScheduleFree(params, backend=DeepSpeedBackend(), **kw)
+            else:
+                client = torch.optim.AdamW(params, **kw)
+            engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=client,
+                                                   config=ds_config(stage, world))
+            if ours:
+                self.wrapper = DeepSpeedMSAMOptimizer(engine, client, DeepSpeedDriver(engine, client))
+                self.wrapper.train()
+            self.engine, self.client, self.module = engine, client, engine.module
+        else:
+            if engine_name == "fsdp2":
+                from torch.distributed.fsdp import fully_shard
+                for layer in model.layers:
+                    fully_shard(layer)
+                fully_shard(model)
+            elif engine_name == "ddp":
+                model = torch.nn.parallel.DistributedDataParallel(model)
+            client = AdamWMSAMScheduleFree(model.parameters(), **kw) if ours else torch.optim.AdamW(
+                model.parameters(), **kw)
+            if ours:
+                client.train()
+            self.engine, self.client, self.module = None, client, model
+
+    def forward_backward(self, k: int):
+        x, y = batch(k, self.width, self.world, self.rank)
+        if self.ds:
+            loss = torch.nn.functional.mse_loss(self.engine(x), y)
+            self.engine.backward(loss)
+        else:
+            loss = torch.nn.functional.mse_loss(self.module(x), y)
+            loss.backward()
+
+    def optimizer_step(self):
+        if self.ds:
+            self.engine.step()
+        else:
+            self.client.step()
+            self.client.zero_grad(set_to_none=True)
+
+    def step(self, k: int):
+        self.forward_backward(k)
+        if self.opt_name == "ours_two_pass":
+            api = self.wrapper if self.ds else self.client
+            api.move_to_ascent()
+            self.forward_backward(k)
+            api.move_from_ascent()
+        self.optimizer_step()
+
+    def close(self):
+        if self.ds:
+            self.engine.destroy()
+
+
+def local_bytes(t) -> int:
+    if not isinstance(t, torch.Tensor):
+        return 0
+    loc = t.to_local() if hasattr(t, "to_local") else t
+    return loc.numel() * loc.element_size()
+
+
+def state_bytes(client) -> int:
+    """Bytes of optimizer state (all tensors in ``client.state``, local shards) on this rank."""
+    return sum(local_bytes(v) for s in client.state.values() for v in s.values())
+
+
+def master_bytes(run: "Run") -> int:
+    """Bytes of fp32 master partitions DeepSpeed keeps on this rank besides the model's params."""
+    if not run.ds:
+        return 0
+    z = run.engine.optimizer
+    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+        groups = getattr(z, attr, None)
+        if groups:
+            return sum(local_bytes(t) for t in groups)
+    return 0

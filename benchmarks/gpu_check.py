@@ -1,0 +1,132 @@
+"""One-shot CUDA check: correctness of every path against the reference, then step time
+at 1B params against fused AdamW and the HBM bandwidth share. Run through
+``benchmarks/gpu_check.sh`` (a few minutes on one GPU); paste its output into the README.
+
+    bash benchmarks/gpu_check.sh                 # 1B params
+    bash benchmarks/gpu_check.sh --params 3e8    # a smaller GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def correctness(device: torch.device) -> dict:
+    """fused (Inductor → Triton), foreach and single-tensor on CUDA against the x/y/z reference
+    on the CPU (fp32), one_pass and two_pass, two groups, warm-up, weight decay, a param
+    without grads every third step, a NaN step; and bf16 state fused vs foreach."""
+    from sharded_msam_sf import AdamWMSAMScheduleFree, AdamWMSAMScheduleFreeReference
+    from sharded_msam_sf import fused_compile as K
+
+    hp = dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, warmup_steps=10, r=0.5, weight_lr_power=2.0)
+
+    def model_on(dev):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 32)).to(dev)
+
+    def groups(m, wd=0.1):
+        return [{"params": [p for p in m.parameters() if p.ndim >= 2], "weight_decay": wd},
+                {"params": [p for p in m.parameters() if p.ndim < 2], "weight_decay": 0.0}]
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(128, 64, generator=gen), torch.randn(128, 32, generator=gen)
+
+    def run(make, dev, mode, steps=30, nan_at=12):
+        m = model_on(dev)
+        xd, yd = x.to(dev), y.to(dev)
+        opt = make(groups(m))
+        opt.train()
+        loss = lambda: ((m(xd) - yd) ** 2).mean()  # noqa: E731
+        for i in range(steps):
+            loss().backward()
+            if mode == "two_pass":
+                opt.move_to_ascent()
+                loss().backward()
+                opt.move_from_ascent()
+            if i % 3 == 2:
+                m[0].bias.grad = None
+            if i == nan_at:
+                m[2].weight.grad[0, 0] = float("nan")
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt.step()
+            opt.zero_grad()
+        opt.eval()
+        return torch.cat([p.detach().reshape(-1).float().cpu() for p in m.parameters()])
+
+    out = {}
+    for mode in ("one_pass", "two_pass"):
+        ref = run(lambda g: AdamWMSAMScheduleFreeReference(g, sam_mode=mode, **hp), torch.device("cpu"), mode)
+        calls = K.compile_counters()["calls"]
+        t = time.perf_counter()
+        fused = run(lambda g: AdamWMSAMScheduleFree(g, sam_mode=mode, fused=True, **hp), device, mode)
+        first = time.perf_counter() - t
+        used = K.compile_counters()["calls"] - calls
+        fe = run(lambda g: AdamWMSAMScheduleFree(g, sam_mode=mode, foreach=True, **hp), device, mode)
+        single = run(lambda g: AdamWMSAMScheduleFree(g, sam_mode=mode, foreach=False, **hp), device, mode)
+        b16f = run(lambda g: AdamWMSAMScheduleFree(g, sam_mode=mode, fused=True, state_dtype=torch.bfloat16, **hp),
+                   device, mode)
+        b16e = run(lambda g: AdamWMSAMScheduleFree(g, sam_mode=mode, foreach=True, state_dtype=torch.bfloat16,
+                                                   **hp), device, mode)
+        d = {"fused_vs_reference": (fused - ref).abs().max().item(),
+             "foreach_vs_reference": (fe - ref).abs().max().item(),
+             "single_vs_reference": (single - ref).abs().max().item(),
+             "fused_vs_foreach": (fused - fe).abs().max().item(),
+             "bf16_state_fused_vs_foreach": (b16f - b16e).abs().max().item(),
+             "bf16_state_vs_fp32_reference": (b16f - ref).abs().max().item(),
+             "compiled_calls": used, "first_run_s": first}
+        d["pass"] = bool(used > 0 and d["fused_vs_reference"] <= 1e-4 and d["foreach_vs_reference"] <= 1e-4
+                         and d["single_vs_reference"] <= 1e-4 and d["bf16_state_fused_vs_foreach"] <= 1e-2)
+        out[mode] = d
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--params", type=float, default=1e9)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--only", default="adamw_fused,adamw_foreach,ours_fused,ours_bf16,ours_foreach,schedulefree,"
+                                      "heavyball_msam")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device")
+    device = torch.device("cuda")
+    print(f"# gpu_check: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    t0 = time.perf_counter()
+    corr = correctness(device)
+    for mode, d in corr.items():
+        print(f"correctness {mode}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                  for k, v in d.items()))
+    torch.cuda.empty_cache()
+    import step_speed
+    total = int(args.params)
+    free = torch.cuda.mem_get_info()[0]
+    names = args.only.split(",")
+    # p + g shared by nobody: each optimizer has its own params (4 B) + state; grads are shared (4 B)
+    need = {"adamw_fused": 12, "adamw_foreach": 12, "ours_fused": 16, "ours_bf16": 10, "ours_foreach": 16,
+            "schedulefree": 12, "heavyball_msam": 16, "ours_single": 16, "ours_two_pass": 16}
+    while names and total * (4 + sum(need.get(n, 16) for n in names)) * 1.15 > free:
+        names.pop()  # drop the last optimizers until they fit
+    rows, meta = step_speed.main(["--device", "cuda", "--params", str(total), "--reps", str(args.reps),
+                                  "--only", ",".join(names), "--threads", "1",
+                                  "--json", os.path.join(args.out, "step_speed_gpu.json")])
+    result = dict(correctness=corr, step_speed=dict(meta=meta, rows=rows), wall_s=time.perf_counter() - t0)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    ok = all(d["pass"] for d in corr.values())
+    print(f"gpu_check: correctness {'PASS' if ok else 'FAIL'}; {time.perf_counter() - t0:.0f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
