@@ -265,6 +265,15 @@ def test_sam_sharpness_preserves_existing_grads():
     assert torch.equal(model.w.grad, torch.full_like(model.w, 7.0))
 
 
+def test_measures_work_inside_no_grad():
+    model, batches, A, c = quad_problem()
+    expected_h = top_hessian_eigenvalue(model, quad_loss, batches, iters=30, tol=0).eigenvalue
+    expected_s = sam_sharpness(model, quad_loss, batches).sharpness
+    with torch.no_grad():
+        assert top_hessian_eigenvalue(model, quad_loss, batches, iters=30, tol=0).eigenvalue == expected_h
+        assert sam_sharpness(model, quad_loss, batches).sharpness == expected_s
+
+
 # ---------------------------------------------------------------- bad input
 def test_bad_arguments_raise_value_error_naming_them():
     model, batches, _, _ = quad_problem()

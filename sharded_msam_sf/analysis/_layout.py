@@ -265,8 +265,13 @@ def mean_grad(layout: Layout, loss_fn: LossFn, batches: Sequence) -> tuple:
     """(L(θ), ∇L(θ)) — the gradient as a list of local tensors. Leaves every
     parameter's ``.grad`` as it found it."""
     count = global_batch_count(layout, batches)
-    if layout.kind == "fsdp2":
-        return _mean_grad_fsdp2(layout, loss_fn, batches, count)
+    with torch.enable_grad():  # also when called under torch.no_grad()
+        if layout.kind == "fsdp2":
+            return _mean_grad_fsdp2(layout, loss_fn, batches, count)
+        return _mean_grad_local(layout, loss_fn, batches, count)
+
+
+def _mean_grad_local(layout: Layout, loss_fn: LossFn, batches: Sequence, count: int) -> tuple:
     grads = [torch.zeros_like(p) for p in layout.params]
     s = torch.zeros((), dtype=torch.float64)
     for b in batches:
@@ -288,7 +293,6 @@ def mean_grad(layout: Layout, loss_fn: LossFn, batches: Sequence) -> tuple:
 
 def _mean_grad_fsdp2(layout: Layout, loss_fn: LossFn, batches: Sequence, count: int) -> tuple:
     saved = [p.grad for p in layout.params]
-    world = dist.get_world_size(layout.group)
     n_local = len(batches)
     try:
         for p in layout.params:
@@ -305,7 +309,6 @@ def _mean_grad_fsdp2(layout: Layout, loss_fn: LossFn, batches: Sequence, count: 
             layout.local(p.grad).detach().clone() if p.grad is not None
             else torch.zeros_like(layout.local(p)) for p in layout.params
         ]
-        assert world * n_local == count
     finally:
         for p, g in zip(layout.params, saved):
             p.grad = g
@@ -337,6 +340,15 @@ def hvp(layout: Layout, loss_fn: LossFn, batches: Sequence, vector: list) -> lis
             "full_state_dict=True loaded into an unsharded model, or DDP)."
         )
     count = global_batch_count(layout, batches)
+    with torch.enable_grad():  # also when called under torch.no_grad()
+        out = _hvp_sum(layout, loss_fn, batches, vector)
+    _all_reduce_list_(layout, out)
+    for h in out:
+        h.div_(count)
+    return out
+
+
+def _hvp_sum(layout: Layout, loss_fn: LossFn, batches: Sequence, vector: list) -> list:
     out = [torch.zeros_like(p) for p in layout.params]
     for b in batches:
         with _math_attention():
@@ -352,7 +364,4 @@ def hvp(layout: Layout, loss_fn: LossFn, batches: Sequence, vector: list) -> lis
         for acc, h in zip(out, hs):
             if h is not None:
                 acc.add_(h.detach())
-    _all_reduce_list_(layout, out)
-    for h in out:
-        h.div_(count)
     return out
