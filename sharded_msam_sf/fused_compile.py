@@ -65,7 +65,9 @@ def _cdt(state_dtype: torch.dtype) -> torch.dtype:
 def _r16s(n, seed, device):
     """Three independent 16-bit random integer tensors (for z, v, m)."""
     h = random_bits(n, seed, device)
-    return h & 0xFFFF, h >> 16, hash32(h + 0x3C6EF372) & 0xFFFF
+    # one 32-bit hash per element: each 16-bit slice is uniform, which is all unbiasedness needs
+    # (m's slice overlaps z's and v's; a correlation between their rounding errors is harmless)
+    return h & 0xFFFF, h >> 16, (h >> 8) & 0xFFFF
 
 
 def _lerp(start: Tensor, end: Tensor, w: Tensor) -> Tensor:
