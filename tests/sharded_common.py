@@ -67,9 +67,14 @@ def wrap(engine: str, model: nn.Sequential, *, mp: bool = False, mesh=None):
         fully_shard(model[2], **kw)
         fully_shard(model, **kw)
         return model
-    if engine in ("fsdp1_orig", "fsdp1_flat"):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, MixedPrecision
-        kw = dict(device_id=torch.device("cpu"), use_orig_params=engine == "fsdp1_orig")
+    if engine in ("fsdp1_orig", "fsdp1_flat", "fsdp1_hybrid"):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, MixedPrecision, ShardingStrategy
+        kw = dict(device_id=torch.device("cpu"), use_orig_params=engine != "fsdp1_flat")
+        if engine == "fsdp1_hybrid":   # HYBRID_SHARD on a (replicate, shard) mesh
+            from torch.distributed.device_mesh import init_device_mesh
+            kw.update(sharding_strategy=ShardingStrategy.HYBRID_SHARD,
+                      device_mesh=mesh or init_device_mesh("cpu", (2, dist.get_world_size() // 2),
+                                                           mesh_dim_names=("replicate", "shard")))
         if mp:
             kw["mixed_precision"] = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                                    buffer_dtype=torch.float32)

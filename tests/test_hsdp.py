@@ -1,5 +1,5 @@
-"""HSDP: FSDP2 ``fully_shard`` on a 2x2 mesh (Replicate, Shard(0)), 4 gloo ranks: the norm
-is reduced over the shard group only (replicas are not counted twice)."""
+"""HSDP: FSDP2 ``fully_shard`` on a 2x2 mesh (Replicate, Shard(0)), and FSDP1 HYBRID_SHARD, 4 gloo
+ranks: the norm is reduced over the shard group only (replicas are not counted twice)."""
 from __future__ import annotations
 
 import torch.distributed as dist
@@ -22,6 +22,12 @@ def _hsdp(rank, world_size):
     counts = C.check_collectives("hsdp", rank, world_size)
     if rank == 0:
         print(f"COLLECTIVES hsdp {counts}")
+    # FSDP1 HYBRID_SHARD: the unit's process group is the shard group
+    diff = C.check_equivalence("fsdp1_hybrid", "one_pass", rank, world_size, nan_rank=3, nan_via_data=True)
+    if rank == 0:
+        print(f"MAXDIFF fsdp1_hybrid one_pass {diff:.3e}")
+    model = C.wrap("fsdp1_hybrid", C.make_model())
+    assert dist.get_world_size(C.AdamWMSAMScheduleFree(model.parameters()).backend.process_group) == 2
 
 
 def test_hsdp_2x2():
