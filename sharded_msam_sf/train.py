@@ -97,7 +97,8 @@ def main(argv=None) -> int:
         run(cfg, env, engine, corpus, dry_run=args.dry_run)
         return 0
     except Interrupted as e:
-        print(str(e), file=sys.stderr)
+        if env.rank == 0:
+            print(str(e), file=sys.stderr)
         return 128 + e.signum
     finally:
         if engine is not None:

@@ -40,6 +40,8 @@ class DistEnv:
 
 
 def build_model(cfg: JobConfig, device: torch.device | str = "cpu") -> GPT:
+    """The GPT of the config, initialised from train.seed (the same weights on every rank and run)."""
+    torch.manual_seed(cfg.train.seed)
     with torch.device(device):
         return GPT(GPTConfig(**vars(cfg.model)), activation_checkpointing=cfg.engine.activation_checkpointing)
 
@@ -307,6 +309,19 @@ def _fill_launcher_env() -> None:
             env["MASTER_PORT"] = "29500"
 
 
+def _restart_safe_store(world: int):
+    """Under torchrun, the workers of every restart share the agent's TCPStore (torch 2.13 keeps one
+    server across rendezvous rounds), so a restarted group would read the dead group's gloo/nccl
+    addresses and fail with 'connection refused'. A per-attempt key prefix isolates the rounds."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # init_process_group's env:// rendezvous
+    from datetime import timedelta
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"/sharded_msam_sf/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_distributed(cfg: JobConfig) -> DistEnv:
     _fill_launcher_env()
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -322,7 +337,7 @@ def init_distributed(cfg: JobConfig) -> DistEnv:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
     backend = cfg.engine.backend if cfg.engine.backend != "auto" else ("nccl" if use_cuda else "gloo")
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world,
+        dist.init_process_group(backend, rank=rank, world_size=world, store=_restart_safe_store(world),
                                 device_id=device if use_cuda else None)
     if cfg.engine.name == "deepspeed":
         import deepspeed

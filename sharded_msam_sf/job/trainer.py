@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool = False) -> d
             step += 1
             # one small all-reduce: the loss for the log and the stop flag (a signal may reach one rank only)
             flags = torch.stack([torch.stack(losses).mean().double(), torch.ones((), dtype=torch.float64,
-                                 device=env.device), torch.tensor(float(stop.signum), dtype=torch.float64,
+                                 device=env.device), torch.tensor(float(stop.signum > 0), dtype=torch.float64,
                                  device=env.device)]).to(env.device)
             dist.all_reduce(flags)
             window += flags[:2]
@@ -109,7 +110,7 @@ def run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool = False) -> d
                 val_loss = evaluate(engine, batches, env.device)
                 progress.record(step=step, val_loss=val_loss)
                 progress.message(f"step {step}: val loss {val_loss:.4f} (eval mode, x)")
-            signum = int(flags[2].item())
+            signum = (stop.signum or signal.SIGTERM) if flags[2].item() > 0 else 0  # a signal on any rank
             if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last or signum:
                 path = ckpt.save(engine, step, job_state())
                 progress.message(f"checkpoint: {path}")
