@@ -223,16 +223,8 @@ class DeepSpeedEngine:
         self.module = build_model(cfg, env.device)
         self.n_params = self.module.num_params()
         self.ds_config = deepspeed_config(cfg)
-        try:
-            from sharded_msam_sf.deepspeed import initialize
-        except ImportError:  # TEMPORARY until developer B's sharded_msam_sf.deepspeed lands
-            ds = dict(self.ds_config, zero_allow_untested_optimizer=True)
-            ds.pop("optimizer")
-            self.model, _, _, _ = deepspeed.initialize(
-                model=self.module, optimizer=_optimizer(self.module.parameters(), cfg), config=ds)
-            self.optimizer = self.model.optimizer.optimizer
-        else:
-            self.model, self.optimizer, _, _ = initialize(model=self.module, config=self.ds_config)
+        from sharded_msam_sf.deepspeed import initialize
+        self.model, self.optimizer, _, _ = initialize(model=self.module, config=self.ds_config)
         self._deepspeed = deepspeed
 
     def forward(self, x, y):
