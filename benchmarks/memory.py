@@ -7,7 +7,10 @@ FSDP2, ours against AdamW, for a fixed model (gloo ranks on the CPU).
 Per rank: the optimizer state (every tensor in the client optimizer's ``state``, local
 shards), DeepSpeed's fp32 master partition where it keeps one, and the peak resident
 memory added by building the engine and running the steps (``VmHWM`` after resetting it,
-minus ``VmRSS`` before the model is built; a CPU stand-in for ``max_memory_allocated``).
+minus ``VmRSS`` before the model is built; a CPU stand-in for ``max_memory_allocated``;
+every configuration runs once unmeasured first, so imports, DeepSpeed's op builds and
+kernel compiles stay out of it; ``MALLOC_MMAP_THRESHOLD_=65536`` makes freed tensors leave
+the resident set).
 Expected: state = 12·P/N bytes for ours (z, v, m in fp32), 8·P/N for AdamW, 6·P/N for
 ours with ``state_dtype=torch.bfloat16``; the table shows the ratio to that formula.
 """
@@ -45,12 +48,13 @@ def _ranks(rank, world, engines, opts, width, layers, steps):
     import gc
     import torch.distributed as dist
     out = []
-    for opt in opts:  # one-time costs (imports, DeepSpeed's op builds, kernel compiles) outside the measurement
-        run = E.Run(engines[0], opt, 64, 2, world, rank)
-        for k in range(2):
-            run.step(k)
-        run.close()
-        del run
+    for engine in engines:  # one-time costs (imports, op builds, kernel compiles) outside the measurement
+        for opt in opts:
+            run = E.Run(engine, opt, width, layers, world, rank)
+            for k in range(2):
+                run.step(k)
+            run.close()
+            del run
     for engine in engines:
         for opt in opts:
             gc.collect()
@@ -79,6 +83,9 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     P = E.n_params(args.width, args.layers)
+    # large blocks straight from mmap and back to the OS on free: the resident peak then follows
+    # the live tensors (glibc would otherwise reuse heap pages freed by the previous configuration)
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     engines, opts = args.engines.split(","), args.opts.split(",")
     rows = []
     for world in map(int, args.worlds.split(",")):

@@ -219,8 +219,8 @@ def _eligible(impl: str, tensors: Sequence[Optional[Tensor]], state: Sequence[Op
     # small tensors do not pay back a compiled call's overhead, except with bf16 state,
     # whose eager path (fp32 copies, rounding in separate ops) is slower still
     small_ok = any(t is not None and _is_low(t) for t in state)
-    if n == 0 or (impl == "auto" and n < AUTO_MIN_NUMEL and not small_ok):
-        return False
+    if n < 2 or (impl == "auto" and n < AUTO_MIN_NUMEL and not small_ok):
+        return False  # (torch.compile specialises sizes 0 and 1: they would cost a compile each)
     if any(t is not None and (not t.is_contiguous() or t.numel() != n or t.device != p.device
                               or t.layout != torch.strided) for t in tensors):
         return False  # non-contiguous or odd layouts go eager, even when fused is asked
@@ -242,6 +242,14 @@ def _call(impl: str, name: str, *args) -> bool:
     try:
         out = _kernel(name)(*args)
     except Exception as err:  # noqa: BLE001 - any compiler/toolchain failure
+        if "RecompileLimit" in type(err).__name__:
+            # too many dtype/alignment variants of one kernel: this tensor goes eager, the others stay fused
+            if not _state.get("warned_limit"):
+                _state["warned_limit"] = True
+                warnings.warn("AdamWMSAMScheduleFree: torch.compile's recompile limit was hit for the fused "
+                              f"{name} kernel; tensors needing a new variant use the foreach path",
+                              RuntimeWarning, stacklevel=4)
+            return False
         _fail(impl, err)
         return False
     _state["calls"] += 1
