@@ -79,6 +79,12 @@ def main(argv=None) -> int:
 
     for pattern in _NOISE:
         warnings.filterwarnings("ignore", message=pattern)
+    if cfg.checkpoint.resume == "must":  # --resume: fail now, not after the process group starts
+        from .job.checkpoint import Checkpointer
+        if Checkpointer(cfg.log.out_dir, 0, 1).latest() is None:
+            print(f"config error: --resume: no complete checkpoint under {cfg.log.out_dir}/checkpoints",
+                  file=sys.stderr)
+            return 2
     import torch.distributed as dist
 
     from .job.data import load_corpus
