@@ -56,7 +56,8 @@ def default_config_path() -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sharded_msam_sf.train", description=__doc__.split("\n")[0],
+    head, _, rest = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(prog="python -m sharded_msam_sf.train", description=head, epilog=rest,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help=f"job config JSON (default: {DEFAULT_CONFIG})")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import Checkpointer, StopSignal, export_weights, resolve_resume
+from .checkpoint import CheckpointError, Checkpointer, StopSignal, export_weights, resolve_resume
 from .config import JobConfig
 from .data import Batches, Corpus
 from .progress import Progress, peak_memory_mib, plot_losses
@@ -52,6 +52,12 @@ def run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool = False) -> d
     resume_from = resolve_resume(cfg, ckpt)
     if resume_from is not None:
         state = Checkpointer.read_state(resume_from)
+        saved_world = state.get("world_size", env.world_size)
+        if cfg.engine.name == "deepspeed" and saved_world != env.world_size:
+            raise CheckpointError(
+                f"{resume_from} was written by {saved_world} ranks and this run has {env.world_size}: DeepSpeed "
+                "ZeRO checkpoints are tied to the world size (convert it with DeepSpeed's ds_to_universal.py "
+                "first, or run with the same number of ranks); DDP/FSDP checkpoints reshard freely")
         engine.load(resume_from)
         step = int(state["step"])
     tokens_per_step = cfg.train.global_batch_size * cfg.model.block_size
@@ -60,10 +66,10 @@ def run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool = False) -> d
     progress.truncate_metrics(step)
     if resume_from is not None:
         progress.message(f"resumed from {resume_from} at step {step}")
-    progress.message(f"{cfg.engine.name} ({env.world_size} ranks, {env.device.type}, {cfg.engine.dtype}) | "
+    progress.message(f"{cfg.engine.name} ({env.world_size} rank{'s' if env.world_size > 1 else ''}, {env.device.type}, {cfg.engine.dtype}) | "
                      f"{engine.n_params:,} params | {corpus.description} | "
-                     f"global batch {cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x "
-                     f"{env.world_size} ranks x {cfg.grad_accum} accum | unigram baseline {baseline:.4f}")
+                     f"global batch {cfg.train.global_batch_size} = micro-batch {cfg.train.micro_batch_size} x "
+                     f"{env.world_size} rank(s) x {cfg.grad_accum} accumulation step(s) | unigram baseline {baseline:.4f}")
     if dry_run:
         return {"step": step, "dry_run": True}
 
@@ -100,7 +106,10 @@ def run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool = False) -> d
             progress.steps_timed += 1
 
             last = step == cfg.train.max_steps
-            if step % cfg.log.interval == 0 or last:
+            logged = step % cfg.log.interval == 0 or last
+            if progress.mode == "bar" and not logged:  # the bar moves every step, the log every interval
+                progress.update(step, (flags[0] / flags[1]).item())
+            if logged:
                 train_loss = (window[0] / window[1]).item()  # mean over ranks and steps
                 window.zero_()
                 progress.record(step=step, train_loss=train_loss, tokens=step * tokens_per_step,
