@@ -55,5 +55,9 @@ def test_latest_skips_partial_checkpoints(tmp_path):
     (root / "latest").write_text("step_000040")
     assert ck.latest().name == "step_000020"  # ... and is ignored when it does not
     assert Checkpointer.read_state(ck.latest())["step"] == 20
+    (root / "step_1000000").mkdir()  # past six digits: ordered by number, not by name
+    (root / "step_1000000" / STATE_FILE).write_text(json.dumps({"step": 1000000}))
+    (root / "latest").unlink()
+    assert ck.latest().name == "step_1000000"
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         Checkpointer.read_state(root / "step_000040")

@@ -143,9 +143,21 @@ def check_run(out: Path, steps: int, ckpt_interval: int) -> None:
 ], ids=["fsdp1", "zero1-two_pass", "zero3"])
 def test_engine_config_runs(tmp_path, config, overrides):
     out = tmp_path / "run"
+    extra = ()
+    if "fsdp1" in config:  # also: a user's token file (nanoGPT layout) instead of the embedded corpus
+        import numpy as np
+        data = tmp_path / "data"
+        data.mkdir()
+        import argparse
+        text = np.frombuffer(Path(argparse.__file__).read_bytes(), dtype=np.uint8)
+        text[: len(text) * 9 // 10].astype(np.uint16).tofile(data / "train.bin")
+        text[len(text) * 9 // 10:].astype(np.uint16).tofile(data / "val.bin")
+        extra = ("--data", str(data))
     proc = run_job(config, out, "train.max_steps=6", "eval.interval=3", "checkpoint.interval=3",
-                   "log.interval=1", *overrides)
+                   "log.interval=1", *overrides, extra=extra)
     assert "done: step 6" in proc.stderr
+    if extra:
+        assert f"token file {data} (uint16)" in proc.stderr
     check_run(out, 6, 3)
 
 

@@ -88,8 +88,13 @@ class Checkpointer:
             cand = self.root / pointer.read_text().strip()
             if (cand / STATE_FILE).is_file():
                 return cand
-        done = sorted(p for p in self.root.glob("step_*") if (p / STATE_FILE).is_file())
+        done = self.complete()
         return done[-1] if done else None
+
+    def complete(self) -> list[Path]:
+        """The complete checkpoints, oldest first."""
+        done = [p for p in self.root.glob("step_*") if (p / STATE_FILE).is_file() and p.name[5:].isdigit()]
+        return sorted(done, key=lambda p: int(p.name[5:]))
 
     def save(self, engine, step: int, job_state: dict) -> Path:
         """Collective: every rank must call it."""
@@ -114,8 +119,7 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
-        done = sorted(p for p in self.root.glob("step_*") if (p / STATE_FILE).is_file())
-        for old in done[: -self.keep]:
+        for old in self.complete()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(".tmp-step_*"):
             shutil.rmtree(stale, ignore_errors=True)
