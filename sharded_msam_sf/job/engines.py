@@ -15,6 +15,7 @@ DeepSpeed uses engine.save_checkpoint/load_checkpoint.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ def _optimizer(params, cfg: JobConfig):
     return AdamWMSAMScheduleFree(params, **cfg.optimizer_kwargs)
 
 
-class _TorchEngine:
+class _TorchEngine(abc.ABC):
     """DDP / FSDP1 / FSDP2: a torch module, our optimizer, manual accumulation and clipping."""
 
     def __init__(self, cfg: JobConfig, env: DistEnv):
@@ -67,8 +68,9 @@ class _TorchEngine:
 
     use_autocast = True
 
+    @abc.abstractmethod
     def wrap(self, module: nn.Module) -> nn.Module:
-        raise NotImplementedError
+        """The engine's wrapper around the built model."""
 
     def sync_context(self, last_micro: bool):
         return contextlib.nullcontext()
@@ -90,9 +92,6 @@ class _TorchEngine:
         if self.cfg.train.grad_clip > 0:
             self.clip()
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     def set_train(self, train: bool) -> None:
@@ -239,9 +238,6 @@ class DeepSpeedEngine:
 
     def step(self) -> None:
         self.model.step()
-
-    def zero_grad(self) -> None:
-        self.model.zero_grad()
 
     def set_train(self, train: bool) -> None:
         self.model.train(train)

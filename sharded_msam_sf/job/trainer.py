@@ -66,10 +66,11 @@ def run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool = False) -> d
     progress.truncate_metrics(step)
     if resume_from is not None:
         progress.message(f"resumed from {resume_from} at step {step}")
-    progress.message(f"{cfg.engine.name} ({env.world_size} rank{'s' if env.world_size > 1 else ''}, {env.device.type}, {cfg.engine.dtype}) | "
+    ranks = f"{env.world_size} rank{'s' if env.world_size > 1 else ''}"
+    progress.message(f"{cfg.engine.name} ({ranks}, {env.device.type}, {cfg.engine.dtype}) | "
                      f"{engine.n_params:,} params | {corpus.description} | "
                      f"global batch {cfg.train.global_batch_size} = micro-batch {cfg.train.micro_batch_size} x "
-                     f"{env.world_size} rank(s) x {cfg.grad_accum} accumulation step(s) | unigram baseline {baseline:.4f}")
+                     f"{ranks} x {cfg.grad_accum} accumulation step(s) | unigram baseline {baseline:.4f}")
     if dry_run:
         return {"step": step, "dry_run": True}
 
