@@ -161,6 +161,22 @@ def test_engine_config_runs(tmp_path, config, overrides):
     check_run(out, 6, 3)
 
 
+def test_mpirun_launcher_runs_the_job(tmp_path):
+    """launch/mpirun.sh (MPICH's mpiexec from the venv): ranks come from PMI_RANK/PMI_SIZE, not torchrun."""
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        pytest.skip("no mpiexec next to the interpreter (pip install mpich)")
+    out = tmp_path / "mpi"
+    env = dict(_env(), MASTER_PORT=str(_free_port()), MODULE="sharded_msam_sf.train", NP="2")
+    proc = subprocess.run(["bash", str(ROOT / "launch/mpirun.sh"), "--config", str(ROOT / "configs/job-ddp-cpu.json"),
+                           "--override", f"log.out_dir={out}", "--override", "train.max_steps=4",
+                           "--override", "log.interval=1"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "ddp (2 ranks, cpu, fp32)" in proc.stderr
+    assert sorted(train_losses(out)) == [1, 2, 3, 4]
+
+
 # ------------------------------------------------------------------ resume
 RESUME = ("train.max_steps=12", "eval.interval=3", "checkpoint.interval=3", "log.interval=1")
 
