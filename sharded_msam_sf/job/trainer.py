@@ -145,6 +145,8 @@ def run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool = False) -> d
         png = plot_losses(progress.metrics_path, out_dir / "loss.png", baseline) if cfg.log.plot else None
         if png:
             progress.message(f"loss curve: {png}")
+        elif cfg.log.plot:
+            progress.message("loss curve skipped: matplotlib is not installed (pip install matplotlib)")
         mem = "/".join(f"{p:.0f}" for p in peaks)
         kind = "GPU" if env.device.type == "cuda" else "RSS"
         progress.message(
