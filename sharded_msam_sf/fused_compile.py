@@ -86,7 +86,9 @@ def _stats_kernel(m: Tensor, g: Tensor, sc: Tensor) -> Tensor:
     cdt = _cdt(m.dtype)
     mn = m.to(cdt) * sc[8].to(cdt) + g.to(cdt) * sc[9].to(cdt)
     sumsq = mn.to(torch.float64).square().sum()
-    bad = (~torch.isfinite(g)).any().to(torch.float64)
+    # a NaN/inf in g makes m_new, hence the float64 sum, non-finite (finite fp32 squares cannot
+    # overflow it): one reduction instead of two. It also flags an m_new that overflowed fp32.
+    bad = (~torch.isfinite(sumsq)).to(torch.float64)
     return torch.stack([sumsq, bad])
 
 
