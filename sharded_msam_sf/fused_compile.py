@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 IMPLS = ("auto", "fused", "foreach", "single")
-AUTO_MIN_NUMEL = int(os.environ.get("SHARDED_MSAM_SF_FUSED_MIN_NUMEL", 1 << 16))
+AUTO_MIN_NUMEL = int(os.environ.get("SHARDED_MSAM_SF_FUSED_MIN_NUMEL", 1 << 18))
 _lock = threading.Lock()
 _state = {"failed": None, "warned": False, "calls": 0}
 

@@ -121,7 +121,7 @@ class AdamWMSAMScheduleFree(Optimizer):
             (None: yes).
         fused (bool or None): the fused step (``fused_compile.py``: torch.compile'd kernels,
             one stats pass and one update pass per tensor). None (default): fused for
-            tensors of at least 65536 elements when ``foreach`` is not given and compilation
+            tensors of at least 262144 elements when ``foreach`` is not given and compilation
             is available (else foreach, with one warning); True: every tensor, an error if
             compilation is unavailable; False: the ``foreach`` choice.
         state_dtype (torch.dtype or None): dtype of z, v, m. None: fp32 for bf16/fp16
