@@ -202,13 +202,13 @@ def _fail(impl: str, err: BaseException) -> None:
     if impl == "fused":
         raise RuntimeError(f"AdamWMSAMScheduleFree(fused=True): {_state['failed']}; "
                            "use fused=None (falls back to foreach) or foreach=True") from err
-    _warn_fallback()
+    _warn_fallback(_state["failed"])
 
 
-def _warn_fallback() -> None:
+def _warn_fallback(reason: str) -> None:
     if not _state["warned"]:
         _state["warned"] = True
-        warnings.warn(f"AdamWMSAMScheduleFree: the fused step is unavailable ({_state['failed']}); "
+        warnings.warn(f"AdamWMSAMScheduleFree: the fused step is unavailable ({reason}); "
                       "using the foreach path from now on", RuntimeWarning, stacklevel=4)
 
 
@@ -232,10 +232,8 @@ def _eligible(impl: str, tensors: Sequence[Optional[Tensor]], state: Sequence[Op
     if impl == "fused":
         raise RuntimeError(f"AdamWMSAMScheduleFree(fused=True): the fused step is unavailable ({reason}); "
                            "use fused=None (falls back to foreach) or foreach=True")
-    if _state["failed"] is None and os.environ.get("SHARDED_MSAM_SF_FUSED", "1") != "0" \
-            and p.device.type in ("cpu", "cuda"):
-        _state["failed"] = reason
-        _warn_fallback()
+    if os.environ.get("SHARDED_MSAM_SF_FUSED", "1") != "0" and p.device.type in ("cpu", "cuda"):
+        _warn_fallback(reason)  # (a missing toolchain for one device type leaves the others fused)
     return False
 
 

@@ -193,3 +193,24 @@ def test_noncontiguous_param_goes_eager():
             (p.sin() ** 2).sum().backward()
         a.step(), b.step(), a.zero_grad(), b.zero_grad()
     assert (w - w2).abs().max().item() <= 2e-6
+
+
+def test_missing_toolchain(monkeypatch):
+    """No C++ compiler (simulated): fused=True says so, the default warns once and uses foreach."""
+    monkeypatch.setattr(K, "_reasons", {"cpu": "no C++ compiler (simulated)"})
+    monkeypatch.setattr(K, "_state", {"failed": None, "warned": False, "calls": 0})
+    monkeypatch.setattr(K, "AUTO_MIN_NUMEL", 1)
+    assert not K.compile_available("cpu")
+    with pytest.raises(RuntimeError, match="no C.. compiler"):
+        run(lambda g: AdamWMSAMScheduleFree(g, fused=True, **HP), "one_pass", steps=1)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        model = tiny_mlp(sizes=SIZES)
+        opt = AdamWMSAMScheduleFree(decay_groups(model), **HP)
+        opt.train()
+        x, y = batch(d_in=SIZES[0], d_out=SIZES[-1])
+        for _ in range(2):
+            mse(model, x, y).backward()
+            opt.step(), opt.zero_grad()
+    assert len([w for w in rec if "no C++ compiler (simulated)" in str(w.message)]) == 1
+    assert K.compile_counters()["calls"] == 0
