@@ -52,6 +52,13 @@ def _optimizer(params, cfg: JobConfig):
     return AdamWMSAMScheduleFree(params, **cfg.optimizer_kwargs)
 
 
+def _dcp_options():
+    """Flattened optimizer state: FSDP1's sharded optimizer state dict has no entry on a rank for
+    a param whose first dim is smaller than the world size, which nested keys then miss on load."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 class _TorchEngine(abc.ABC):
     """DDP / FSDP1 / FSDP2: a torch module, our optimizer, manual accumulation and clipping."""
 
@@ -101,17 +108,17 @@ class _TorchEngine(abc.ABC):
     def save(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=_dcp_options())
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path))
 
     def load(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=_dcp_options())
         state = {"model": model_sd, "optimizer": optim_sd}
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
+                       optim_state_dict=state["optimizer"], options=_dcp_options())
 
     def full_state_dict(self) -> dict | None:
         """The full, unsharded model weights on rank 0 (None elsewhere); collective."""
