@@ -65,11 +65,17 @@ def correctness(device: torch.device) -> dict:
     out = {}
     for mode in ("one_pass", "two_pass"):
         ref = run(lambda g: AdamWMSAMScheduleFreeReference(g, sam_mode=mode, **hp), torch.device("cpu"), mode)
-        calls = K.compile_counters()["calls"]
+        calls, tri0 = K.compile_counters()["calls"], K.compile_counters()["triton_calls"]
         t = time.perf_counter()
         fused = run(lambda g: AdamWMSAMScheduleFree(g, sam_mode=mode, fused=True, **hp), device, mode)
         first = time.perf_counter() - t
         used = K.compile_counters()["calls"] - calls
+        tri_calls = K.compile_counters()["triton_calls"] - tri0   # > 0 where Triton is installed (CUDA)
+        os.environ["SHARDED_MSAM_SF_TRITON"] = "0"   # the Inductor (torch.compile → Triton) kernels
+        try:
+            inductor = run(lambda g: AdamWMSAMScheduleFree(g, sam_mode=mode, fused=True, **hp), device, mode)
+        finally:
+            os.environ.pop("SHARDED_MSAM_SF_TRITON", None)
         fe = run(lambda g: AdamWMSAMScheduleFree(g, sam_mode=mode, foreach=True, **hp), device, mode)
         single = run(lambda g: AdamWMSAMScheduleFree(g, sam_mode=mode, foreach=False, **hp), device, mode)
         b16f = run(lambda g: AdamWMSAMScheduleFree(g, sam_mode=mode, fused=True, state_dtype=torch.bfloat16, **hp),
@@ -77,13 +83,15 @@ def correctness(device: torch.device) -> dict:
         b16e = run(lambda g: AdamWMSAMScheduleFree(g, sam_mode=mode, foreach=True, state_dtype=torch.bfloat16,
                                                    **hp), device, mode)
         d = {"fused_vs_reference": (fused - ref).abs().max().item(),
+             "inductor_vs_reference": (inductor - ref).abs().max().item(),
              "foreach_vs_reference": (fe - ref).abs().max().item(),
              "single_vs_reference": (single - ref).abs().max().item(),
              "fused_vs_foreach": (fused - fe).abs().max().item(),
              "bf16_state_fused_vs_foreach": (b16f - b16e).abs().max().item(),
              "bf16_state_vs_fp32_reference": (b16f - ref).abs().max().item(),
-             "compiled_calls": used, "first_run_s": first}
+             "compiled_calls": used, "triton_calls": tri_calls, "first_run_s": first}
         d["pass"] = bool(used > 0 and d["fused_vs_reference"] <= 1e-4 and d["foreach_vs_reference"] <= 1e-4
+                         and d["inductor_vs_reference"] <= 1e-4
                          and d["single_vs_reference"] <= 1e-4 and d["bf16_state_fused_vs_foreach"] <= 1e-2)
         out[mode] = d
     return out
@@ -93,8 +101,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--params", type=float, default=1e9)
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--only", default="adamw_fused,adamw_foreach,ours_fused,ours_bf16,ours_foreach,schedulefree,"
-                                      "heavyball_msam")
+    ap.add_argument("--only", default="adamw_fused,adamw_foreach,ours_fused,ours_inductor,ours_bf16,ours_foreach,"
+                                      "schedulefree,heavyball_msam")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -112,7 +120,7 @@ def main(argv=None):
     free = torch.cuda.mem_get_info()[0]
     names = args.only.split(",")
     # p + g shared by nobody: each optimizer has its own params (4 B) + state; grads are shared (4 B)
-    need = {"adamw_fused": 12, "adamw_foreach": 12, "ours_fused": 16, "ours_bf16": 10, "ours_foreach": 16,
+    need = {"ours_inductor": 16, "adamw_fused": 12, "adamw_foreach": 12, "ours_fused": 16, "ours_bf16": 10, "ours_foreach": 16,
             "schedulefree": 12, "heavyball_msam": 16, "ours_single": 16, "ours_two_pass": 16}
     while names and total * (4 + sum(need.get(n, 16) for n in names)) * 1.15 > free:
         names.pop()  # drop the last optimizers until they fit

@@ -19,6 +19,7 @@ Rows (``--only`` picks a subset):
 name               what                                                        bytes/param
 =================  ==========================================================  ==========
 ours_fused         AdamWMSAMScheduleFree, default (fused), one_pass step       44 (36 update + 8 stats)
+ours_inductor      same, with SHARDED_MSAM_SF_TRITON=0 (CUDA: Inductor kernels) 44
 ours_foreach       same, foreach=True                                           44
 ours_single        same, foreach=False (single-tensor)                          44
 ours_two_pass      fused, move_to_ascent + move_from_ascent + step (no fwd/bwd) -
@@ -43,7 +44,7 @@ import warnings
 
 import torch
 
-BYTES = {"ours_fused": 44, "ours_foreach": 44, "ours_single": 44, "ours_bf16": 30, "adamw_fused": 28,
+BYTES = {"ours_inductor": 44, "ours_fused": 44, "ours_foreach": 44, "ours_single": 44, "ours_bf16": 30, "adamw_fused": 28,
          "adamw_foreach": 28, "schedulefree": 28, "heavyball_msam": 36, "ours_two_pass": None}
 DEFAULT = ["adamw_fused", "adamw_foreach", "ours_fused", "ours_foreach", "ours_single", "ours_two_pass",
            "ours_bf16", "schedulefree", "heavyball_msam"]
@@ -63,6 +64,8 @@ def shapes(total: int, width: int):
 def make(name: str, params):
     from sharded_msam_sf import AdamWMSAMScheduleFree
     if name == "ours_fused":
+        return AdamWMSAMScheduleFree(params, weight_decay=0.01)
+    if name == "ours_inductor":  # CUDA: the torch.compile kernels instead of the hand-written Triton ones
         return AdamWMSAMScheduleFree(params, weight_decay=0.01)
     if name == "ours_foreach":
         return AdamWMSAMScheduleFree(params, weight_decay=0.01, foreach=True)
@@ -89,6 +92,13 @@ def one_step(name: str, opt, params, grads):
     """The optimizer's share of one training step (grads are set, no forward/backward)."""
     for p, g in zip(params, grads):
         p.grad = g
+    if name == "ours_inductor":
+        os.environ["SHARDED_MSAM_SF_TRITON"] = "0"
+        try:
+            opt.step()
+        finally:
+            os.environ.pop("SHARDED_MSAM_SF_TRITON", None)
+        return
     if name == "ours_two_pass":
         opt.move_to_ascent()          # folds the grad into m and clears the grads
         for p, g in zip(params, grads):

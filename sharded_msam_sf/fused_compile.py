@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from . import triton_kernels as TK
 from .stochastic_rounding import LOW_PRECISION_STATE, hash32, random_bits, round_to, step_seed
 
 __all__ = [
@@ -53,7 +54,7 @@ __all__ = [
 IMPLS = ("auto", "fused", "foreach", "single")
 AUTO_MIN_NUMEL = int(os.environ.get("SHARDED_MSAM_SF_FUSED_MIN_NUMEL", 1 << 18))
 _lock = threading.Lock()
-_state = {"failed": None, "warned": False, "calls": 0}
+_state = {"failed": None, "warned": False, "calls": 0, "triton_calls": 0}
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -237,8 +238,25 @@ def _eligible(impl: str, tensors: Sequence[Optional[Tensor]], state: Sequence[Op
     return False
 
 
+def _triton(name: str, args):
+    """The hand-written Triton kernel for these arguments (CUDA, fp32 state), else None."""
+    if name == "stats" and TK.usable(args[1], args[1], args[0]):
+        return lambda: TK.stats(*args)
+    if name == "update_m" and TK.usable(*args[:5]):
+        return lambda: TK.update_(*args[:5], args[5])
+    if name == "update" and TK.usable(*args[:4]):
+        return lambda: TK.update_(*args[:4], None, args[4])
+    return None
+
+
 def _call(impl: str, name: str, *args) -> bool:
     """Run a compiled kernel; False (nothing written) if compilation failed and impl is auto."""
+    tri = _triton(name, args) if TK.HAVE_TRITON else None
+    if tri is not None:
+        out = tri()
+        _state["calls"] += 1
+        _state["triton_calls"] += 1
+        return out if out is not None else True
     try:
         out = _kernel(name)(*args)
     except Exception as err:  # noqa: BLE001 - any compiler/toolchain failure

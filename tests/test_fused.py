@@ -150,11 +150,11 @@ def test_compile_failure_falls_back_once(monkeypatch):
             raise RuntimeError("no compiler here")
         return fn
     monkeypatch.setattr(K, "_kernel", broken)
-    monkeypatch.setattr(K, "_state", {"failed": None, "warned": False, "calls": 0})
+    monkeypatch.setattr(K, "_state", {"failed": None, "warned": False, "calls": 0, "triton_calls": 0})
     monkeypatch.setattr(K, "AUTO_MIN_NUMEL", 1)
     with pytest.raises(RuntimeError, match="fused=True"):
         run(lambda g: AdamWMSAMScheduleFree(g, fused=True, **HP), "one_pass", steps=2)
-    monkeypatch.setattr(K, "_state", {"failed": None, "warned": False, "calls": 0})
+    monkeypatch.setattr(K, "_state", {"failed": None, "warned": False, "calls": 0, "triton_calls": 0})
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         model = tiny_mlp(sizes=SIZES)
@@ -198,7 +198,7 @@ def test_noncontiguous_param_goes_eager():
 def test_missing_toolchain(monkeypatch):
     """No C++ compiler (simulated): fused=True says so, the default warns once and uses foreach."""
     monkeypatch.setattr(K, "_reasons", {"cpu": "no C++ compiler (simulated)"})
-    monkeypatch.setattr(K, "_state", {"failed": None, "warned": False, "calls": 0})
+    monkeypatch.setattr(K, "_state", {"failed": None, "warned": False, "calls": 0, "triton_calls": 0})
     monkeypatch.setattr(K, "AUTO_MIN_NUMEL", 1)
     assert not K.compile_available("cpu")
     with pytest.raises(RuntimeError, match="no C.. compiler"):
