@@ -7,7 +7,8 @@ defaults as :class:`~sharded_msam_sf.AdamWMSAMScheduleFree`)::
       "type": "AdamWMSAMScheduleFree",
       "params": {"lr": 0.0025, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1,
                  "warmup_steps": 0, "r": 0.0, "weight_lr_power": 2.0, "rho": 1.0,
-                 "ascent_beta": null, "sam_mode": "one_pass", "foreach": null}
+                 "ascent_beta": null, "sam_mode": "one_pass", "foreach": null,
+                 "fused": null, "state_dtype": null}
     }
 
 :func:`optimizer_kwargs_from_config` checks the section and returns the keyword
@@ -55,7 +56,11 @@ OPTIMIZER_PARAMS: Dict[str, tuple] = {
     "ascent_beta": ("null (= beta1) or a number with 0 <= ascent_beta < 1", lambda v: v is None or (_num(v) and 0.0 <= v < 1.0)),
     "sam_mode": ("\"one_pass\" or \"two_pass\"", lambda v: v in ("one_pass", "two_pass")),
     "foreach": ("null, true or false", lambda v: v is None or isinstance(v, bool)),
+    "fused": ("null (fused where it pays), true or false", lambda v: v is None or isinstance(v, bool)),
+    "state_dtype": ("null (fp32), \"float32\" or \"bfloat16\" (stochastically rounded state)",
+                    lambda v: v in (None, "float32", "fp32", "bfloat16", "bf16")),
 }
+_STATE_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 _SECTION_KEYS = ("type", "params")
 
 
@@ -108,5 +113,10 @@ def optimizer_kwargs_from_config(section: Mapping[str, Any], prefix: str = "opti
             ok = False
         if not ok:
             raise ConfigError(f"{prefix}.params.{key}: invalid value {value!r} (valid: {valid})")
-        kwargs[key] = tuple(float(b) for b in value) if key == "betas" else value
+        if key == "betas":
+            value = tuple(float(b) for b in value)
+        elif key == "state_dtype" and value is not None:
+            import torch
+            value = getattr(torch, _STATE_DTYPES[value])
+        kwargs[key] = value
     return kwargs

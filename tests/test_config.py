@@ -33,6 +33,8 @@ def test_empty_params_and_type_spelling():
     ({"type": "AdamWMSAMScheduleFree", "params": {"betas": [0.0, 0.999]}}, "optimizer.params.betas: invalid value"),
     ({"type": "AdamWMSAMScheduleFree", "params": {"warmup_steps": 1.5}}, "optimizer.params.warmup_steps: invalid value"),
     ({"type": "AdamWMSAMScheduleFree", "params": {"foreach": 1}}, "optimizer.params.foreach: invalid value"),
+    ({"type": "AdamWMSAMScheduleFree", "params": {"fused": "yes"}}, "optimizer.params.fused: invalid value"),
+    ({"type": "AdamWMSAMScheduleFree", "params": {"state_dtype": "float16"}}, "optimizer.params.state_dtype: invalid value"),
     ({"type": "AdamWMSAMScheduleFree", "params": {"lr": float("nan")}}, "optimizer.params.lr: invalid value"),
     ({"type": "AdamWMSAMScheduleFree", "params": [1]}, "optimizer.params: must be a JSON object"),
     ({"params": {"lr": 0.1}}, "optimizer.type: missing"),
@@ -50,3 +52,17 @@ def test_errors_name_the_key(section, key):
 def test_unknown_key_lists_valid_keys():
     with pytest.raises(ConfigError, match=r"valid: lr, betas, eps"):
         optimizer_kwargs_from_config({"type": "AdamWMSAMScheduleFree", "params": {"rhoo": 1.0}})
+
+
+def test_fused_and_state_dtype_reach_the_optimizer():
+    kw = optimizer_kwargs_from_config({"type": "AdamWMSAMScheduleFree",
+                                       "params": {"fused": False, "state_dtype": "bfloat16"}})
+    assert kw == {"fused": False, "state_dtype": torch.bfloat16}
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = AdamWMSAMScheduleFree([p], **kw)
+    opt.train()
+    p.grad = torch.ones(3)
+    opt.step()
+    assert opt.state[p]["z"].dtype == torch.bfloat16
+    assert optimizer_kwargs_from_config({"type": "AdamWMSAMScheduleFree",
+                                         "params": {"state_dtype": None}}) == {"state_dtype": None}
