@@ -24,11 +24,7 @@ import _engines as E  # noqa: E402
 
 
 def _ranks(rank, world, engines, opts, width, layers, steps):
-    from sharded_msam_sf import comm_count
     from sharded_msam_sf.comm_count import CommCounter
-    # torch 2.13's FSDP2 calls these newer names (all_gather_into_tensor/reduce_scatter_tensor are deprecated)
-    comm_count.COLLECTIVES.setdefault("all_gather_single", (0, "output_tensor"))
-    comm_count.COLLECTIVES.setdefault("reduce_scatter_single", (1, "input"))
     out = {}
     for engine in engines:
         for opt in opts:

@@ -35,6 +35,8 @@ COLLECTIVES: Dict[str, Tuple[int, str]] = {
     "all_gather": (0, "tensor_list"),
     "all_gather_into_tensor": (0, "output_tensor"),
     "_all_gather_base": (0, "output_tensor"),
+    "all_gather_single": (0, "output_tensor"),      # torch >= 2.13's names, used by FSDP2
+    "reduce_scatter_single": (1, "input"),
     "all_gather_coalesced": (0, "output_tensor_lists"),
     "reduce_scatter": (1, "input_list"),
     "reduce_scatter_tensor": (1, "input"),
