@@ -33,19 +33,24 @@ def flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
+def one_step(model, opt, x, y, mode: str = "one_pass") -> None:
+    """One optimizer step of the MSAM loop (one_pass) or the seed's loop (two_pass)."""
+    mse(model, x, y).backward()
+    if mode == "two_pass":
+        opt.move_to_ascent()
+        mse(model, x, y).backward()
+        opt.move_from_ascent()
+    opt.step()
+    opt.zero_grad()
+
+
 def train_loop(model, opt, x, y, steps: int, mode: str = "one_pass", switch_at=None, batches=None):
     """The seed's loop (two_pass) or MSAM's (one_pass); ``switch_at``: an eval→train switch."""
     opt.train()
     for i in range(steps):
         if batches is not None:
             x, y = batches[i % len(batches)]
-        mse(model, x, y).backward()
-        if mode == "two_pass":
-            opt.move_to_ascent()
-            mse(model, x, y).backward()
-            opt.move_from_ascent()
-        opt.step()
-        opt.zero_grad()
+        one_step(model, opt, x, y, mode)
         if switch_at is not None and i == switch_at:
             opt.eval()
             with torch.no_grad():

@@ -6,7 +6,7 @@ import torch
 
 from sharded_msam_sf import AdamWMSAMScheduleFree
 
-from .models import batch, decay_groups, flat, mse, tiny_mlp
+from .models import batch, decay_groups, flat, mse, one_step, tiny_mlp
 
 
 def _trained(mode: str, steps: int = 5, **kw):
@@ -15,13 +15,7 @@ def _trained(mode: str, steps: int = 5, **kw):
     opt = AdamWMSAMScheduleFree(decay_groups(model), lr=0.01, sam_mode=mode, **kw)
     opt.train()
     for _ in range(steps):
-        mse(model, x, y).backward()
-        if mode == "two_pass":
-            opt.move_to_ascent()
-            mse(model, x, y).backward()
-            opt.move_from_ascent()
-        opt.step()
-        opt.zero_grad()
+        one_step(model, opt, x, y, mode)
     return model, opt, x, y
 
 

@@ -8,7 +8,7 @@ import torch
 
 from sharded_msam_sf import AdamWMSAMScheduleFree
 
-from .models import batch, flat, mse, tiny_mlp
+from .models import batch, flat, mse, one_step, tiny_mlp
 
 
 def _setup(mode):
@@ -17,13 +17,7 @@ def _setup(mode):
     opt = AdamWMSAMScheduleFree(model.parameters(), lr=0.01, sam_mode=mode)
     opt.train()
     for _ in range(3):
-        mse(model, x, y).backward()
-        if mode == "two_pass":
-            opt.move_to_ascent()
-            mse(model, x, y).backward()
-            opt.move_from_ascent()
-        opt.step()
-        opt.zero_grad()
+        one_step(model, opt, x, y, mode)
     return model, opt, x, y
 
 

@@ -8,21 +8,14 @@ import torch
 
 from sharded_msam_sf import AdamWMSAMScheduleFree
 
-from .models import batch, decay_groups, flat, mse, tiny_mlp
+from .models import batch, decay_groups, flat, one_step, tiny_mlp
 
 HP = dict(lr=0.01, warmup_steps=3, r=0.5)
 
 
 def _steps(model, opt, data, mode, n):
     for i in range(n):
-        x, y = data[i % len(data)]
-        mse(model, x, y).backward()
-        if mode == "two_pass":
-            opt.move_to_ascent()
-            mse(model, x, y).backward()
-            opt.move_from_ascent()
-        opt.step()
-        opt.zero_grad()
+        one_step(model, opt, *data[i % len(data)], mode)
 
 
 @pytest.mark.parametrize("mode", ["one_pass", "two_pass"])

@@ -13,6 +13,7 @@ from sharded_msam_sf import AdamWMSAMScheduleFree
 from sharded_msam_sf import fused_compile as K
 from sharded_msam_sf.stochastic_rounding import random_bits, round_to, stochastic_round_bf16
 
+from . import models
 from .models import batch, decay_groups, flat, mse, tiny_mlp
 
 HP = dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, warmup_steps=5, weight_decay=0.0)
@@ -89,20 +90,7 @@ def train(state_dtype, mode="one_pass", steps=40, impl=None, seed=0):
 
 
 def train_loop(model, opt, x, y, steps, mode):
-    opt.train()
-    for i in range(steps):
-        mse(model, x, y).backward()
-        if mode == "two_pass":
-            opt.move_to_ascent()
-            mse(model, x, y).backward()
-            opt.move_from_ascent()
-        opt.step()
-        opt.zero_grad()
-        if i == steps // 2:
-            opt.eval()
-            opt.train()
-    opt.eval()
-    return flat(model)
+    return models.train_loop(model, opt, x, y, steps, mode, switch_at=steps // 2)
 
 
 def test_memory_is_halved():

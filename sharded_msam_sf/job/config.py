@@ -20,6 +20,8 @@ ENGINES = ("ddp", "fsdp2", "fsdp1", "deepspeed")
 
 from sharded_msam_sf.config import ConfigError as _OptimizerConfigError
 
+from .model import GPTConfig as ModelConfig  # the "model" section is the GPT's own config
+
 
 class ConfigError(_OptimizerConfigError):
     """A bad job config (a ValueError); the message names the key."""
@@ -34,17 +36,6 @@ class EngineConfig:
     backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | gloo | nccl | mpi
     activation_checkpointing: bool = False
     deepspeed: dict = field(default_factory=dict)  # extra keys merged into the DeepSpeed config
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 256
-    block_size: int = 64
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 64
-    dropout: float = 0.0
-    bias: bool = False
 
 
 @dataclass
