@@ -206,6 +206,15 @@ def test_resume_flag_without_checkpoint_fails(tmp_path):
     assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr, proc.stderr
 
 
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Kill torchrun and its workers (its own session), so a failed test leaves no ranks behind."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
 def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -233,13 +242,13 @@ def ddp_long_reference(tmp_path_factory):
 def test_sigterm_checkpoints_and_resume_matches(tmp_path, ddp_long_reference):
     out = tmp_path / "sig"
     proc = subprocess.Popen(torchrun_cmd("configs/job-ddp-cpu.json", out, *LONG), cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_for_step(out, 30, proc)
         proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
         _, err = proc.communicate(timeout=120)
     finally:
-        proc.kill()
+        _kill_tree(proc)
     assert "stopped by signal 15" in err, err[-4000:]
     ckpt = (out / "checkpoints" / "latest").read_text()
     stopped_at = int(ckpt.split("_")[1])
@@ -267,7 +276,8 @@ def _worker_pids(parent: int) -> dict[int, int]:
 def test_killed_rank_is_restarted_from_the_last_checkpoint(tmp_path, ddp_long_reference):
     out = tmp_path / "kill"
     proc = subprocess.Popen(torchrun_cmd("configs/job-ddp-cpu.json", out, *LONG, max_restarts=1), cwd=ROOT,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         _wait_for_step(out, 45, proc)
         before = int((out / "checkpoints" / "latest").read_text().split("_")[1])
@@ -277,7 +287,7 @@ def test_killed_rank_is_restarted_from_the_last_checkpoint(tmp_path, ddp_long_re
         os.kill(pids[1], signal.SIGKILL)
         _, err = proc.communicate(timeout=240)
     finally:
-        proc.kill()
+        _kill_tree(proc)
     assert proc.returncode == 0, err[-6000:]
     resumed = [ln for ln in err.splitlines() if ln.startswith("resumed from")]
     assert len(resumed) == 1, err[-4000:]
