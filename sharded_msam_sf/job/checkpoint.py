@@ -26,7 +26,7 @@ STATE_FILE = "job_state.json"
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that cannot be used: missing, truncated, foreign, or from another run's layout."""
 
 
 def _fsync_dir(path: Path) -> None:

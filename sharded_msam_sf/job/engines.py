@@ -130,7 +130,7 @@ class _TorchEngine(abc.ABC):
         return sd if self.env.rank == 0 else None
 
     def close(self) -> None:
-        pass
+        """Release engine resources; the torch engines hold none beyond the process group."""
 
 
 class DDPEngine(_TorchEngine):
