@@ -45,6 +45,7 @@ class AdamWMSAMScheduleFreeReference:
         self.s: List[float] = [0.0] * len(self.groups)   # the ascent scale applied per group
         self.train_mode = False
         self.skipped_steps = 0
+        self._pending_skip = False   # two_pass: the first gradient was non-finite
 
     # the sequences -----------------------------------------------------------
     def _st(self, p: Tensor) -> Dict[str, Tensor]:
@@ -126,7 +127,7 @@ class AdamWMSAMScheduleFreeReference:
 
     @torch.no_grad()
     def step(self) -> None:
-        if not self._grads_finite() or getattr(self, "_pending_skip", False):
+        if not self._grads_finite() or self._pending_skip:
             self._pending_skip = False
             self.skipped_steps += 1
             self._write_params(at_ascent=self.sam_mode == "one_pass")

@@ -19,7 +19,7 @@ from torch import nn
 from sharded_msam_sf import AdamWMSAMScheduleFree, AdamWMSAMScheduleFreeReference
 from sharded_msam_sf import fused_compile as K
 
-from .models import batch, decay_groups, flat, mse, tiny_mlp
+from .models import batch, decay_groups, flat, mse, one_step, tiny_mlp
 
 pytestmark = pytest.mark.skipif(not K.compile_available("cpu"), reason="torch.compile unavailable on CPU")
 
@@ -138,8 +138,7 @@ def test_no_recompiles_over_steps():
     opt.train()
     x, y = batch(d_in=9, d_out=6)
     for _ in range(3):
-        mse(mlp, x, y).backward()
-        opt.step(), opt.zero_grad()
+        one_step(mlp, opt, x, y)
     assert counters["stats"]["unique_graphs"] == graphs
 
 
@@ -162,16 +161,14 @@ def test_compile_failure_falls_back_once(monkeypatch):
         opt.train()
         x, y = batch(d_in=SIZES[0], d_out=SIZES[-1])
         for _ in range(3):
-            mse(model, x, y).backward()
-            opt.step(), opt.zero_grad()
+            one_step(model, opt, x, y)
     fallback = [w for w in rec if "fused step is unavailable" in str(w.message)]
     assert len(fallback) == 1
     model2 = tiny_mlp(sizes=SIZES)
     opt2 = AdamWMSAMScheduleFree(decay_groups(model2), foreach=True, **HP)
     opt2.train()
     for _ in range(3):
-        mse(model2, x, y).backward()
-        opt2.step(), opt2.zero_grad()
+        one_step(model2, opt2, x, y)
     assert torch.equal(flat(model), flat(model2))
 
 
@@ -210,7 +207,6 @@ def test_missing_toolchain(monkeypatch):
         opt.train()
         x, y = batch(d_in=SIZES[0], d_out=SIZES[-1])
         for _ in range(2):
-            mse(model, x, y).backward()
-            opt.step(), opt.zero_grad()
+            one_step(model, opt, x, y)
     assert len([w for w in rec if "no C++ compiler (simulated)" in str(w.message)]) == 1
     assert K.compile_counters()["calls"] == 0
