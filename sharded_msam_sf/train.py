@@ -102,6 +102,9 @@ def main(argv=None) -> int:
         env = init_distributed(cfg)
         engine = build_engine(cfg, env)
         run(cfg, env, engine, corpus, dry_run=args.dry_run)
+        # every rank finishes its work (rank 0 writes the plot and summary) before any rank tears
+        # its process group down: a gloo rank exiting early aborted its peer (torch 2.13, CPU)
+        dist.barrier()
         return 0
     except Interrupted as e:
         if env.rank == 0:
