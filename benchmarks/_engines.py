@@ -16,6 +16,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from sharded_msam_sf.teardown import close_process_group  # noqa: E402
+
 BATCH = 4  # per rank
 
 
@@ -35,9 +37,7 @@ def _entry(rank, world, port, fn, args, queue):
         queue.put((rank, "ok", out))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    close_process_group()  # outside the except clause, so the failed frames are gone too
 
 
 def run_ranks(fn: Callable, world: int, *args, timeout: float = 1800.0) -> Dict[int, Any]:

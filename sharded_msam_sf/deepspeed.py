@@ -355,6 +355,9 @@ def main(argv: Optional[list] = None) -> int:
         print(f"done: world={world} {optimizer!r} eval_loss={eval_loss:.4f} "
               f"({time.time() - t0:.1f} s)", flush=True)
     engine.destroy()
+    del engine, optimizer, model
+    from .teardown import close_process_group
+    close_process_group()
     return 0
 
 

@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     from .job.data import load_corpus
     from .job.engines import build_engine, init_distributed
     from .job.trainer import Interrupted, run
+    from .teardown import close_process_group
 
     try:
         corpus = load_corpus(cfg)
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
         engine = build_engine(cfg, env)
         run(cfg, env, engine, corpus, dry_run=args.dry_run)
         # every rank finishes its work (rank 0 writes the plot and summary) before any rank tears
-        # its process group down: a gloo rank exiting early aborted its peer (torch 2.13, CPU)
+        # its process group down
         dist.barrier()
         return 0
     except Interrupted as e:
@@ -113,8 +114,8 @@ def main(argv=None) -> int:
     finally:
         if engine is not None:
             engine.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        engine = None  # the engine holds the process group: drop it before the collection below
+        close_process_group()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ def main() -> None:
     assert "RANK" not in os.environ, "this script tests MPI discovery: start it with mpiexec, not torchrun"
     torch.set_num_threads(1)
     from sharded_msam_sf.deepspeed import init_distributed
+    from sharded_msam_sf.teardown import close_process_group
     init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     assert os.environ["MASTER_ADDR"] == "127.0.0.1", os.environ["MASTER_ADDR"]
@@ -27,7 +28,8 @@ def main() -> None:
     assert diff <= 1e-5, diff
     print(f"MPI_OK rank={rank} world={world} max_diff={diff:.3g}", flush=True)
     engine.destroy()
-    dist.destroy_process_group()
+    del engine, opt
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 import traceback
 from typing import Any, Callable
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from sharded_msam_sf.teardown import close_process_group
 
 __all__ = ["free_port", "run_ranks"]
 
@@ -30,39 +33,25 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, err
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    ok = False
     try:
         import torch
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
         fn(rank, world_size, *args)
         dist.barrier()
+        ok = True
     except BaseException:  # report every rank's failure, not only the first
         errors.put((rank, traceback.format_exc()))
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# torch 2.13's gloo transport occasionally aborts a rank (std::terminate, SIGABRT) on the 2-core build
-# machine with no error of the test's own; such a run is repeated once, and reported on stderr.
-_SIGABRT = -6
+    # outside the except clause: the traceback (and the frames holding the test's engines) is gone,
+    # so the collection below joins every gloo thread before the interpreter finalizes
+    close_process_group()
+    if not ok:
+        sys.exit(1)
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180.0) -> None:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; raise if any rank fails or hangs."""
-    try:
-        _run_once(fn, world_size, args, timeout)
-    except _GlooAbort as e:
-        print(f"run_ranks: {e}; running the ranks once more", file=sys.stderr)
-        _run_once(fn, world_size, args, timeout, retry=False)
-
-
-class _GlooAbort(AssertionError):
-    pass
-
-
-def _run_once(fn, world_size, args, timeout, retry=True) -> None:
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = free_port()
@@ -70,7 +59,6 @@ def _run_once(fn, world_size, args, timeout, retry=True) -> None:
              for r in range(world_size)]
     for p in procs:
         p.start()
-    import time
     deadline = time.monotonic() + timeout
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
@@ -82,9 +70,6 @@ def _run_once(fn, world_size, args, timeout, retry=True) -> None:
     failures = []
     while not errors.empty():
         failures.append(errors.get())
-    aborted = [r for r, p in enumerate(procs) if p.exitcode == _SIGABRT]
-    if retry and aborted:
-        raise _GlooAbort(f"ranks {aborted} aborted (SIGABRT)")
     if failures:
         msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures))
         raise AssertionError(f"{len(failures)} rank(s) failed:\n{msg}")
@@ -92,4 +77,6 @@ def _run_once(fn, world_size, args, timeout, retry=True) -> None:
         raise AssertionError(f"ranks {hung} still running after {timeout:.0f} s: killed (deadlock?)")
     bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
     if bad:
-        raise AssertionError(f"ranks exited with non-zero codes: {bad}")
+        hint = (" (-6 is SIGABRT: a gloo thread outlived the interpreter; see sharded_msam_sf/teardown.py)"
+                if any(code == -6 for _, code in bad) else "")
+        raise AssertionError(f"ranks exited with non-zero codes: {bad}{hint}")

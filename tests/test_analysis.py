@@ -392,40 +392,48 @@ def _assert_same(a, b):
 def _worker(kind, rank, world, port):
     import torch.distributed as dist
 
+    from sharded_msam_sf.teardown import close_process_group
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     try:
-        batches = _data(2 * world)
-        mine = batches[rank::world]
-        reference = _measure(_mlp(), batches, with_hessian=(kind == "ddp"))
-        if kind == "ddp":
-            model = nn.parallel.DistributedDataParallel(_mlp())
-            before = [p.detach().clone() for p in model.parameters()]
-            _assert_same(reference, _measure(model, mine))
-            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-        else:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            model = _mlp()
-            mesh = init_device_mesh("cpu", (world,))
-            fully_shard(model[0], mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            before = [p.to_local().detach().clone() for p in model.parameters()]
-            _assert_same(reference, _measure(model, mine, with_hessian=False))
-            for p, b in zip(model.parameters(), before):
-                assert torch.equal(p.to_local(), b)
-            try:
-                top_hessian_eigenvalue(model, ce_loss, mine, iters=2)
-            except NotImplementedError as e:
-                assert "FSDP2" in str(e) and "autograd graph" in str(e)
-            else:
-                raise AssertionError("Hessian on FSDP2 should raise NotImplementedError")
-            # the model still trains/evaluates after the measurements
-            ce_loss(model, mine[0]).backward()
-        dist.barrier()
+        _check(kind, rank, world)
     finally:
-        dist.destroy_process_group()
+        close_process_group()  # after _check's frame (and its models) are gone
+
+
+def _check(kind, rank, world):
+    import torch.distributed as dist
+
+    batches = _data(2 * world)
+    mine = batches[rank::world]
+    reference = _measure(_mlp(), batches, with_hessian=(kind == "ddp"))
+    if kind == "ddp":
+        model = nn.parallel.DistributedDataParallel(_mlp())
+        before = [p.detach().clone() for p in model.parameters()]
+        _assert_same(reference, _measure(model, mine))
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        model = _mlp()
+        mesh = init_device_mesh("cpu", (world,))
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        before = [p.to_local().detach().clone() for p in model.parameters()]
+        _assert_same(reference, _measure(model, mine, with_hessian=False))
+        for p, b in zip(model.parameters(), before):
+            assert torch.equal(p.to_local(), b)
+        try:
+            top_hessian_eigenvalue(model, ce_loss, mine, iters=2)
+        except NotImplementedError as e:
+            assert "FSDP2" in str(e) and "autograd graph" in str(e)
+        else:
+            raise AssertionError("Hessian on FSDP2 should raise NotImplementedError")
+        # the model still trains/evaluates after the measurements
+        ce_loss(model, mine[0]).backward()
+    dist.barrier()
 
 
 def _free_port():

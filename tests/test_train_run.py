@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -48,20 +47,9 @@ def torchrun_cmd(config: str, out_dir: Path, *overrides: str, max_restarts: int 
     return cmd + list(extra)
 
 
-# torch 2.13's gloo transport occasionally aborts a rank (std::terminate) on this 2-core machine, in
-# DDP/DeepSpeed jobs alike, with no error of ours; a fresh job (not a resume) is run once more then.
-GLOO_ABORT = "terminate called without an active exception"
-
-
 def run_job(config, out_dir, *overrides, extra=(), timeout=240, expect_rc=0):
-    for attempt in (1, 2):
-        proc = subprocess.run(torchrun_cmd(config, out_dir, *overrides, extra=extra), cwd=ROOT, env=_env(),
-                              capture_output=True, text=True, timeout=timeout)
-        if attempt == 1 and proc.returncode != 0 and GLOO_ABORT in proc.stderr and "--resume" not in extra:
-            print(f"run_job: a rank aborted in gloo ({GLOO_ABORT!r}); running the job once more", file=sys.stderr)
-            shutil.rmtree(out_dir, ignore_errors=True)
-            continue
-        break
+    proc = subprocess.run(torchrun_cmd(config, out_dir, *overrides, extra=extra), cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
     if expect_rc is not None:
         assert proc.returncode == expect_rc, f"rc {proc.returncode}\n{proc.stderr[-6000:]}"
     return proc
