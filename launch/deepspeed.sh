@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Launch a DeepSpeed job with the `deepspeed` launcher (one node, or several with a hostfile).
 #
-#   one node, CPU (gloo):  launch/deepspeed.sh --config configs/zero2-cpu.json --dist-backend gloo
-#   one node, 8 GPUs:      NPROC=8 launch/deepspeed.sh --config configs/zero3-gpu.json
+#   one node, CPU (gloo):  launch/deepspeed.sh --config configs/deepspeed/zero2-cpu.json --dist-backend gloo
+#   one node, 8 GPUs:      NPROC=8 launch/deepspeed.sh --config configs/deepspeed/zero3-gpu.json
 #   two nodes (ssh/pdsh):  HOSTFILE=launch/hostfile.example MASTER_ADDR=node0 \
-#                          launch/deepspeed.sh --config configs/zero3-gpu.json
+#                          launch/deepspeed.sh --config configs/deepspeed/zero3-gpu.json
 #   your own script:       SCRIPT=train_mine.py launch/deepspeed.sh --my-args ...
 #
 # Environment (defaults): NPROC (2) processes per node when no hostfile; HOSTFILE (none);

@@ -4,9 +4,9 @@
 # which keeps a MASTER_ADDR/MASTER_PORT you set); the training itself uses torch.distributed
 # (gloo/nccl), MPI only starts the processes.
 #
-#   one node, 2 ranks:  launch/mpirun.sh --config configs/zero2-cpu.json --dist-backend gloo
+#   one node, 2 ranks:  launch/mpirun.sh --config configs/deepspeed/zero2-cpu.json --dist-backend gloo
 #   two nodes, 8 each:  NP=16 MPI_ARGS="-hosts node0,node1 -ppn 8" MASTER_ADDR=node0 \
-#                       launch/mpirun.sh --config configs/zero3-gpu.json
+#                       launch/mpirun.sh --config configs/deepspeed/zero3-gpu.json
 #                       (Open MPI: MPI_ARGS="--hostfile launch/hostfile.openmpi -npernode 8" or
 #                       "-H node0:8,node1:8"; MPICH/Hydra: "-f hosts -ppn 8")
 #

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Start the main job with torchrun. Every setting is an environment variable with a default;
-# arguments are passed to `python -m sharded_msam_sf.train` (default: --config configs/default.json).
+# arguments are passed to `python -m sharded_msam_sf.train` (default: --config configs/job/default.json).
 #
 #   launch/torchrun.sh                                   # 2 CPU ranks, the embedded default
-#   NPROC=8 launch/torchrun.sh --config configs/gpt-1.3b-gpu.json --data /data/owt
+#   NPROC=8 launch/torchrun.sh --config configs/job/gpt-1.3b-gpu.json --data /data/owt
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 NPROC=8 launch/torchrun.sh --config ...   # on each node
 #   MAX_RESTARTS=3 launch/torchrun.sh ...                # restart failed ranks from the last checkpoint
 set -euo pipefail
@@ -19,7 +19,7 @@ MAX_RESTARTS=${MAX_RESTARTS:-0}
 PYTHON=${PYTHON:-python}
 
 if [ "$#" -eq 0 ]; then
-  set -- --config "$REPO/configs/default.json"
+  set -- --config "$REPO/configs/job/default.json"
 fi
 
 if [ "$NNODES" -eq 1 ] && [ -z "${RDZV_ENDPOINT:-}" ]; then

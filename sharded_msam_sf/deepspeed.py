@@ -3,7 +3,7 @@
 ::
 
     from sharded_msam_sf.deepspeed import initialize
-    engine, optimizer, _, _ = initialize(model=model, config="configs/zero2-cpu.json")
+    engine, optimizer, _, _ = initialize(model=model, config="configs/deepspeed/zero2-cpu.json")
     optimizer.train()
     for x, y in data:                      # one_pass: DeepSpeed's loop, unchanged
         loss = engine(x, y)
@@ -298,7 +298,7 @@ def _gathered(p: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- demo / launcher smoke run
 def main(argv: Optional[list] = None) -> int:
-    """``python -m sharded_msam_sf.deepspeed --config configs/zero2-cpu.json``: a tiny regression
+    """``python -m sharded_msam_sf.deepspeed --config configs/deepspeed/zero2-cpu.json``: a tiny regression
     model trained with the config's optimizer section on synthetic data — the program the
     launch scripts (launch/deepspeed.sh, launch/mpirun.sh, torchrun) start to check a setup."""
     import argparse

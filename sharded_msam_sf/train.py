@@ -4,20 +4,20 @@ One node, two CPU ranks, the embedded default (DeepSpeed ZeRO-2, gloo, a byte-le
 model on the Python standard library's source)::
 
     launch/torchrun.sh                      # = the line below
-    torchrun --standalone --nproc-per-node 2 -m sharded_msam_sf.train --config configs/default.json
+    torchrun --standalone --nproc-per-node 2 -m sharded_msam_sf.train --config configs/job/default.json
 
 One GPU / one process (the global batch is kept; accumulation makes up the ranks)::
 
-    python -m sharded_msam_sf.train --config configs/gpt-1.3b-gpu.json --data /data/owt
+    python -m sharded_msam_sf.train --config configs/job/gpt-1.3b-gpu.json --data /data/owt
 
 One node with 8 GPUs::
 
-    torchrun --standalone --nproc-per-node 8 -m sharded_msam_sf.train --config configs/gpt-1.3b-gpu.json --data /data/owt
+    torchrun --standalone --nproc-per-node 8 -m sharded_msam_sf.train --config configs/job/gpt-1.3b-gpu.json --data /data/owt
 
 Two nodes with 8 GPUs each (run on both; node-rank 0 and 1)::
 
     torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --rdzv-backend c10d \\
-        --rdzv-endpoint $MASTER_ADDR:29500 -m sharded_msam_sf.train --config configs/gpt-1.3b-gpu.json
+        --rdzv-endpoint $MASTER_ADDR:29500 -m sharded_msam_sf.train --config configs/job/gpt-1.3b-gpu.json
 
 Also started by launch/deepspeed.sh, launch/mpirun.sh and launch/slurm.sbatch. Options:
 ``--override section.key=value`` (repeatable; the value is JSON or a string),
@@ -36,7 +36,7 @@ from pathlib import Path
 
 from .job.config import ConfigError, load_config
 
-DEFAULT_CONFIG = "configs/default.json"
+DEFAULT_CONFIG = "configs/job/default.json"
 _NOISE = (  # deprecation chatter from torch internals that users cannot act on
     r"`torch.distributed.all_gather_into_tensor` is deprecated",
     r"`torch.distributed.reduce_scatter_tensor` is deprecated",
@@ -47,7 +47,7 @@ _NOISE = (  # deprecation chatter from torch internals that users cannot act on
 
 
 def default_config_path() -> str:
-    """configs/default.json in the working directory, else the one next to the package (a clone)."""
+    """configs/job/default.json in the working directory, else the one next to the package (a clone)."""
     here = Path(DEFAULT_CONFIG)
     if here.is_file():
         return str(here)

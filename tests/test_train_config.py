@@ -16,8 +16,7 @@ from sharded_msam_sf.job.data import Batches, load_corpus
 from sharded_msam_sf.job.model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-JOB_CONFIGS = sorted(ROOT.glob("configs/job-*.json")) + [ROOT / "configs/default.json",
-                                                          ROOT / "configs/gpt-1.3b-gpu.json"]
+JOB_CONFIGS = sorted(ROOT.glob("configs/job/*.json"))
 
 
 def write(tmp_path, cfg: dict) -> Path:
@@ -35,7 +34,7 @@ def test_shipped_configs_validate(path):
 
 
 def test_default_config_is_the_documented_one():
-    cfg = load_config(ROOT / "configs/default.json", world_size=2)
+    cfg = load_config(ROOT / "configs/job/default.json", world_size=2)
     assert (cfg.engine.name, cfg.engine.zero_stage, cfg.engine.device, cfg.engine.backend) == \
         ("deepspeed", 2, "cpu", "gloo")
     assert cfg.optimizer_kwargs.get("sam_mode", "one_pass") == "one_pass"
@@ -245,7 +244,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 def test_gpu_config_is_about_1_3b_parameters():
-    cfg = load_config(ROOT / "configs/gpt-1.3b-gpu.json", world_size=8)
+    cfg = load_config(ROOT / "configs/job/gpt-1.3b-gpu.json", world_size=8)
     with torch.device("meta"):
         m = GPT(GPTConfig(**vars(cfg.model)))
     n = m.num_params()

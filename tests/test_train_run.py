@@ -91,7 +91,7 @@ def deepspeed_op_built():
 
 # ------------------------------------------------------------------ the default
 def test_default_config_end_to_end_beats_unigram(tmp_path):
-    """launch/torchrun.sh with only an out_dir runs configs/default.json (DeepSpeed ZeRO-2, one_pass)."""
+    """launch/torchrun.sh with only an out_dir runs configs/job/default.json (DeepSpeed ZeRO-2, one_pass)."""
     out = tmp_path / "default"
     env = dict(_env(), MASTER_PORT=str(_free_port()))
     proc = subprocess.run(["bash", str(ROOT / "launch/torchrun.sh"), "--override", f"log.out_dir={out}"],
@@ -113,7 +113,7 @@ def test_default_config_end_to_end_beats_unigram(tmp_path):
     from sharded_msam_sf.job.config import load_config
     from sharded_msam_sf.job.data import Batches, load_corpus
     from sharded_msam_sf.job.engines import build_model
-    cfg = load_config(ROOT / "configs/default.json", world_size=1)
+    cfg = load_config(ROOT / "configs/job/default.json", world_size=1)
     model = build_model(cfg)
     model.load_state_dict(exported(out)["model"])
     model.eval()
@@ -137,9 +137,9 @@ def check_run(out: Path, steps: int, ckpt_interval: int) -> None:
 
 # ddp, fsdp2 and zero2 (the default) run in the resume tests below
 @pytest.mark.parametrize("config, overrides", [
-    ("configs/job-fsdp1-cpu.json", ()),
-    ("configs/job-zero1-cpu.json", ("optimizer.params.sam_mode=two_pass",)),
-    ("configs/job-zero3-cpu.json", ()),
+    ("configs/job/fsdp1-cpu.json", ()),
+    ("configs/job/zero1-cpu.json", ("optimizer.params.sam_mode=two_pass",)),
+    ("configs/job/zero3-cpu.json", ()),
 ], ids=["fsdp1", "zero1-two_pass", "zero3"])
 def test_engine_config_runs(tmp_path, config, overrides):
     out = tmp_path / "run"
@@ -168,7 +168,7 @@ def test_mpirun_launcher_runs_the_job(tmp_path):
         pytest.skip("no mpiexec next to the interpreter (pip install mpich)")
     out = tmp_path / "mpi"
     env = dict(_env(), MASTER_PORT=str(_free_port()), MODULE="sharded_msam_sf.train", NP="2")
-    proc = subprocess.run(["bash", str(ROOT / "launch/mpirun.sh"), "--config", str(ROOT / "configs/job-ddp-cpu.json"),
+    proc = subprocess.run(["bash", str(ROOT / "launch/mpirun.sh"), "--config", str(ROOT / "configs/job/ddp-cpu.json"),
                            "--override", f"log.out_dir={out}", "--override", "train.max_steps=4",
                            "--override", "log.interval=1"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=240)
@@ -182,9 +182,9 @@ RESUME = ("train.max_steps=12", "eval.interval=3", "checkpoint.interval=3", "log
 
 
 @pytest.mark.parametrize("config, overrides", [
-    ("configs/job-ddp-cpu.json", ("optimizer.params.sam_mode=two_pass", "train.micro_batch_size=4")),
-    ("configs/default.json", ()),
-    ("configs/job-fsdp2-cpu.json", ()),
+    ("configs/job/ddp-cpu.json", ("optimizer.params.sam_mode=two_pass", "train.micro_batch_size=4")),
+    ("configs/job/default.json", ()),
+    ("configs/job/fsdp2-cpu.json", ()),
 ], ids=["ddp-two_pass-accum2", "zero2", "fsdp2"])
 def test_resume_equals_uninterrupted(tmp_path, config, overrides):
     """Stop after step 6 (its checkpoint), resume with --resume: the same losses and weights as one run."""
@@ -201,7 +201,7 @@ def test_resume_equals_uninterrupted(tmp_path, config, overrides):
 
 def test_resume_flag_without_checkpoint_fails(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sharded_msam_sf.train", "--config",
-                           str(ROOT / "configs/job-ddp-cpu.json"), "--override", f"log.out_dir={tmp_path}",
+                           str(ROOT / "configs/job/ddp-cpu.json"), "--override", f"log.out_dir={tmp_path}",
                            "--resume"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr, proc.stderr
 
@@ -235,13 +235,13 @@ LONG = ("train.max_steps=120", "eval.interval=100", "checkpoint.interval=20", "l
 @pytest.fixture(scope="module")
 def ddp_long_reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "ref"
-    run_job("configs/job-ddp-cpu.json", out, *LONG)
+    run_job("configs/job/ddp-cpu.json", out, *LONG)
     return out
 
 
 def test_sigterm_checkpoints_and_resume_matches(tmp_path, ddp_long_reference):
     out = tmp_path / "sig"
-    proc = subprocess.Popen(torchrun_cmd("configs/job-ddp-cpu.json", out, *LONG), cwd=ROOT, env=_env(),
+    proc = subprocess.Popen(torchrun_cmd("configs/job/ddp-cpu.json", out, *LONG), cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_for_step(out, 30, proc)
@@ -253,7 +253,7 @@ def test_sigterm_checkpoints_and_resume_matches(tmp_path, ddp_long_reference):
     ckpt = (out / "checkpoints" / "latest").read_text()
     stopped_at = int(ckpt.split("_")[1])
     assert 30 <= stopped_at < 120
-    resumed = run_job("configs/job-ddp-cpu.json", out, *LONG, extra=["--resume"])
+    resumed = run_job("configs/job/ddp-cpu.json", out, *LONG, extra=["--resume"])
     assert f"at step {stopped_at}" in resumed.stderr
     assert train_losses(out) == train_losses(ddp_long_reference)
     assert_same_weights(out, ddp_long_reference)
@@ -275,7 +275,7 @@ def _worker_pids(parent: int) -> dict[int, int]:
 
 def test_killed_rank_is_restarted_from_the_last_checkpoint(tmp_path, ddp_long_reference):
     out = tmp_path / "kill"
-    proc = subprocess.Popen(torchrun_cmd("configs/job-ddp-cpu.json", out, *LONG, max_restarts=1), cwd=ROOT,
+    proc = subprocess.Popen(torchrun_cmd("configs/job/ddp-cpu.json", out, *LONG, max_restarts=1), cwd=ROOT,
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:

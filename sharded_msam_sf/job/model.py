@@ -1,7 +1,7 @@
 """A GPT-style decoder: pre-norm blocks, causal attention via scaled_dot_product_attention.
 
 Sizes range from a few hundred thousand parameters (the CPU default) to ~1.3B
-(configs/gpt-1.3b-gpu.json). The token embedding is tied to the output head.
+(configs/job/gpt-1.3b-gpu.json). The token embedding is tied to the output head.
 `Block` is the unit that FSDP wraps and that activation checkpointing recomputes.
 """
 from __future__ import annotations
