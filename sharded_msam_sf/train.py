@@ -24,12 +24,15 @@ Also started by launch/deepspeed.sh, launch/mpirun.sh and launch/slurm.sbatch. O
 ``--data PATH`` (a uint16/uint32 token file, or a directory with train.bin/val.bin),
 ``--resume [PATH]`` (require a checkpoint; by default a run resumes if its out_dir has
 one), ``--dry-run`` (validate, build, print, exit). Only rank 0 logs and writes files
-other than sharded checkpoints. Exit status: 0 done, 2 bad config, 128+N after a
-checkpoint taken on signal N (SIGTERM/SIGINT).
+other than sharded checkpoints. Exit status: 0 done, 1 a checkpoint or run-directory error (a
+checkpoint that fails verification, another job on the out_dir, a full disk, ...), 2 bad config
+(before any process group starts), 3 stopped after train.max_skipped_steps consecutive non-finite
+steps, 128+N after a checkpoint taken on signal N (SIGTERM/SIGINT).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import warnings
 from pathlib import Path
@@ -80,17 +83,21 @@ def main(argv=None) -> int:
 
     for pattern in _NOISE:
         warnings.filterwarnings("ignore", message=pattern)
-    if cfg.checkpoint.resume == "must":  # --resume: fail now, not after the process group starts
-        from .job.checkpoint import Checkpointer
-        if Checkpointer(cfg.log.out_dir, 0, 1).latest() is None:
+    from .job.checkpoint import CheckpointError, Checkpointer, RunDirError, check_out_dir
+    try:  # refusals that need no process group: an out_dir others can write to, a pointer out of it
+        check_out_dir(cfg.log.out_dir)
+        if cfg.checkpoint.resume == "must" and Checkpointer(cfg.log.out_dir, 0, 1).latest() is None:
             print(f"config error: --resume: no complete checkpoint under {cfg.log.out_dir}/checkpoints",
                   file=sys.stderr)
             return 2
+    except (RunDirError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     import torch.distributed as dist
 
     from .job.data import load_corpus
     from .job.engines import build_engine, init_distributed
-    from .job.trainer import Interrupted, run
+    from .job.trainer import Diverged, Interrupted, run
     from .teardown import close_process_group
 
     try:
@@ -98,7 +105,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    engine = None
+    engine, env = None, None
     try:
         env = init_distributed(cfg)
         engine = build_engine(cfg, env)
@@ -111,6 +118,15 @@ def main(argv=None) -> int:
         if env.rank == 0:
             print(str(e), file=sys.stderr)
         return 128 + e.signum
+    except (CheckpointError, RunDirError, Diverged) as e:
+        if env is None or env.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 3 if isinstance(e, Diverged) else 1
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"error: no space left on device: {e.filename or e}", file=sys.stderr)
+            return 1
+        raise
     finally:
         if engine is not None:
             engine.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -53,7 +54,8 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per rank per forward
     max_steps: int = 200
     grad_clip: float = 1.0  # 0 disables
-    seed: int = 1234
+    seed: int = 1234  # 0 .. 2**32 - 1
+    max_skipped_steps: int = 100  # consecutive non-finite (skipped) steps that stop the job; 0: no limit
 
 
 @dataclass
@@ -113,7 +115,32 @@ _CHOICES = {
 _POSITIVE = {"model.vocab_size", "model.block_size", "model.n_layer", "model.n_head", "model.n_embd",
              "data.corpus_max_bytes", "train.global_batch_size", "train.micro_batch_size",
              "train.max_steps", "eval.batches", "checkpoint.keep", "log.interval"}
-_NON_NEGATIVE = {"train.grad_clip", "eval.interval", "checkpoint.interval"}
+_NON_NEGATIVE = {"train.grad_clip", "eval.interval", "checkpoint.interval", "train.max_skipped_steps"}
+MAX_SEED = 2 ** 32 - 1
+# keys of the generated DeepSpeed config that the job owns: engine.deepspeed may not change them
+_DEEPSPEED_OWNED = {
+    "optimizer": "the 'optimizer' section",
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / (train.micro_batch_size x world size)",
+    "gradient_clipping": "train.grad_clip",
+    "zero_optimization.stage": "engine.zero_stage",
+    "bf16.enabled": "engine.dtype",
+    "fp16.enabled": "engine.dtype",
+}
+
+
+def _no_duplicate_keys(path):
+    """json object_pairs_hook: a key given twice is an error (json keeps the last one silently)."""
+    def hook(pairs):
+        seen = {}
+        for k, v in pairs:
+            if k in seen:
+                raise ConfigError(f"config file {path}: key '{k}' is given twice in one object "
+                                  "(JSON would silently keep the last one)")
+            seen[k] = v
+        return seen
+    return hook
 
 
 def _type_name(tp) -> str:
@@ -193,7 +220,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), world
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            raw = json.loads(p.read_text())
+            raw = json.loads(p.read_text(), object_pairs_hook=_no_duplicate_keys(p))
         except json.JSONDecodeError as e:
             raise ConfigError(f"config file {p} is not valid JSON: {e}") from None
         if not isinstance(raw, dict):
@@ -209,6 +236,19 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), world
     return cfg
 
 
+def _check_deepspeed_overrides(cfg: JobConfig) -> None:
+    """engine.deepspeed may add DeepSpeed keys (offload, buckets, ...) but not replace what the job sets:
+    another optimizer there would train with it while the job drives AdamWMSAMScheduleFree's modes."""
+    ds = cfg.engine.deepspeed
+    for key, owner in _DEEPSPEED_OWNED.items():
+        node, parts = ds, key.split(".")
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and parts[-1] in node:
+            raise ConfigError(f"config key 'engine.deepspeed.{key}' is set by the job from {owner}; "
+                              f"remove it from engine.deepspeed (got {node[parts[-1]]!r})")
+
+
 def validate(cfg: JobConfig, world_size: int) -> None:
     flat = {f"{s}.{k}": v for s in ("engine", "model", "data", "train", "eval", "checkpoint", "log")
             for k, v in dataclasses.asdict(getattr(cfg, s)).items()}
@@ -219,8 +259,21 @@ def validate(cfg: JobConfig, world_size: int) -> None:
         if flat[key] <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {flat[key]!r}")
     for key in _NON_NEGATIVE:
-        if flat[key] < 0:
+        if not flat[key] >= 0:  # also NaN
             raise ConfigError(f"config key '{key}' must be >= 0, got {flat[key]!r}")
+    if not math.isfinite(cfg.train.grad_clip):
+        raise ConfigError(f"config key 'train.grad_clip' must be a finite number >= 0 (0 disables clipping), "
+                          f"got {cfg.train.grad_clip!r}")
+    if not 0 <= cfg.train.seed <= MAX_SEED:
+        raise ConfigError(f"config key 'train.seed' must be in [0, 2**32 - 1] (torch and numpy seeds), "
+                          f"got {cfg.train.seed}")
+    out = Path(cfg.log.out_dir)
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"config key 'log.out_dir': {p} is a file, not a directory")
+        if p.exists():
+            break
+    _check_deepspeed_overrides(cfg)
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {cfg.model.dropout}")
     if cfg.model.n_embd % cfg.model.n_head:

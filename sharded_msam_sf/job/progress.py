@@ -2,6 +2,7 @@
 a loss-curve PNG and a one-line summary."""
 from __future__ import annotations
 
+import errno
 import json
 import resource
 import sys
@@ -52,8 +53,14 @@ class Progress:
 
     def record(self, **rec) -> None:
         if self.enabled:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            try:
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise OSError(errno.ENOSPC, f"no space left on device while writing {self.metrics_path}",
+                                  str(self.metrics_path)) from e
+                raise
 
     def tokens_per_s(self) -> float:
         return self.steps_timed * self.tokens_per_step / self.train_time if self.train_time else 0.0

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointError, Checkpointer, StopSignal, export_weights, resolve_resume
+from .checkpoint import (CheckpointError, Checkpointer, StopSignal, acquire_run_lock, check_config_change,
+                         export_weights, plan_resume, record_run_id)
 from .config import JobConfig
 from .data import Batches, Corpus
 from .progress import Progress, peak_memory_mib, plot_losses
@@ -21,6 +22,10 @@ class Interrupted(Exception):
     def __init__(self, signum: int, step: int):
         super().__init__(f"stopped by signal {signum} at step {step} (checkpoint saved)")
         self.signum, self.step = signum, step
+
+
+class Diverged(RuntimeError):
+    """Too many consecutive steps skipped because the gradients were not finite."""
 
 
 @torch.no_grad()
@@ -41,17 +46,29 @@ def evaluate(engine, batches: Batches, device: torch.device) -> float:
 def run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool = False) -> dict:
     out_dir = Path(cfg.log.out_dir)
     rank0 = env.rank == 0
+    lock = acquire_run_lock(out_dir, env.rank)  # held until this process exits (or run() returns)
+    try:
+        return _run(cfg, env, engine, corpus, dry_run, out_dir, rank0)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Path, rank0: bool) -> dict:
     batches = Batches(corpus, cfg, env.rank, env.world_size)
-    ckpt = Checkpointer(out_dir, env.rank, cfg.checkpoint.keep)
     opt = engine.optimizer
     two_pass = cfg.optimizer_kwargs.get("sam_mode", "one_pass") == "two_pass"
     opt.train()
     engine.set_train(True)
 
     step, state = 0, {}
-    resume_from = resolve_resume(cfg, ckpt)
+    plan = plan_resume(cfg, Checkpointer(out_dir, env.rank, cfg.checkpoint.keep, env.world_size))
+    ckpt = Checkpointer(out_dir, env.rank, cfg.checkpoint.keep, env.world_size, run_id=plan.run_id)
+    resume_from, state = plan.path, plan.state
+    notes = list(plan.notes)
     if resume_from is not None:
-        state = Checkpointer.read_state(resume_from)
+        applied = check_config_change(state["config"], cfg, resume_from)
+        notes += [f"config changed since {resume_from.name} (applied): {line}" for line in applied]
         saved_world = state.get("world_size", env.world_size)
         if cfg.engine.name == "deepspeed" and saved_world != env.world_size:
             raise CheckpointError(
@@ -59,13 +76,18 @@ def run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool = False) -> d
                 "ZeRO checkpoints are tied to the world size (convert it with DeepSpeed's ds_to_universal.py "
                 "first, or run with the same number of ranks); DDP/FSDP checkpoints reshard freely")
         engine.load(resume_from)
-        step = int(state["step"])
+        step = state["step"]
+    record_run_id(plan.run_id, env.rank)
     tokens_per_step = cfg.train.global_batch_size * cfg.model.block_size
     progress = Progress(rank0, out_dir, cfg.log.progress, step, cfg.train.max_steps, tokens_per_step)
     baseline = state.get("unigram_baseline") or corpus.unigram_baseline()
     progress.truncate_metrics(step)
+    for note in notes:
+        progress.message(note)
     if resume_from is not None:
-        progress.message(f"resumed from {resume_from} at step {step}")
+        progress.message(f"resumed from {resume_from} at step {step} (run {plan.run_id})")
+    else:
+        progress.message(f"new run {plan.run_id} in {out_dir}")
     ranks = f"{env.world_size} rank{'s' if env.world_size > 1 else ''}"
     progress.message(f"{cfg.engine.name} ({ranks}, {env.device.type}, {cfg.engine.dtype}) | "
                      f"{engine.n_params:,} params | {corpus.description} | "
@@ -79,9 +101,11 @@ def run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool = False) -> d
     # [sum of losses, count] since the last log record; kept in checkpoints so a resumed log matches
     window = torch.tensor(state.get("loss_window", [0.0, 0.0]), dtype=torch.float64, device=env.device)
 
+    skipped_before, consecutive_skips, healthy = getattr(opt, "skipped_steps", 0), 0, True
+
     def job_state():
         return {"train_loss": train_loss, "val_loss": val_loss, "unigram_baseline": baseline,
-                "loss_window": window.tolist(),
+                "loss_window": window.tolist(), "healthy": healthy,
                 "world_size": env.world_size, "engine": cfg.engine.name, "config": cfg.to_dict()}
 
     try:
@@ -103,6 +127,18 @@ def run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool = False) -> d
                                  device=env.device)]).to(env.device)
             dist.all_reduce(flags)
             window += flags[:2]
+            skipped_now = getattr(opt, "skipped_steps", 0)  # the same on every rank (the skip is agreed)
+            consecutive_skips = consecutive_skips + 1 if skipped_now > skipped_before else 0
+            skipped_before = skipped_now
+            healthy = consecutive_skips == 0 and math.isfinite((flags[0] / flags[1]).item())
+            limit = cfg.train.max_skipped_steps
+            if limit and consecutive_skips >= limit:
+                last_good = ckpt.latest()
+                raise Diverged(
+                    f"stopped at step {step}: {consecutive_skips} consecutive steps were skipped because the "
+                    f"gradients held NaN/inf (train.max_skipped_steps = {limit}); the weights have not changed "
+                    f"since the last finite step. Last checkpoint: {last_good}. Lower the learning rate, check "
+                    "the data, or raise train.max_skipped_steps")
             progress.train_time += time.perf_counter() - t0
             progress.steps_timed += 1
 
@@ -122,8 +158,12 @@ def run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool = False) -> d
                 progress.message(f"step {step}: val loss {val_loss:.4f} (eval mode, x)")
             signum = (stop.signum or signal.SIGTERM) if flags[2].item() > 0 else 0  # a signal on any rank
             if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last or signum:
+                t_save = time.perf_counter()
                 path = ckpt.save(engine, step, job_state())
-                progress.message(f"checkpoint: {path}")
+                progress.message(f"checkpoint: {path} ({time.perf_counter() - t_save:.1f} s)")
+            if signum and stop.repeats:
+                progress.message(f"{stop.repeats} repeated stop signal(s) absorbed while the checkpoint was "
+                                 "taken (torchrun forwards its own SIGTERM)")
             if signum and not last:
                 raise Interrupted(signum, step)
     finally:
