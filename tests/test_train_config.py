@@ -272,3 +272,58 @@ def test_ranks_from_the_launcher(monkeypatch, launcher_env, expect):
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == expect
     assert os.environ["MASTER_ADDR"] == "127.0.0.1"
     assert int(os.environ["MASTER_PORT"]) > 0
+
+
+# ------------------------------------------------------------------ hostile configs (issue 14, item 7)
+@pytest.mark.parametrize("text, key", [
+    ('{"train": {"grad_clip": NaN}}', r"train\.grad_clip.*>= 0"),
+    ('{"train": {"grad_clip": Infinity}}', r"train\.grad_clip.*finite"),
+    ('{"train": {"seed": -1}}', r"train\.seed.*\[0, 2\*\*32 - 1\].*-1"),
+    ('{"train": {"seed": 4294967296}}', r"train\.seed"),
+    ('{"train": {"seed": 100000000000000000000000}}', r"train\.seed"),
+    ('{"train": {"max_skipped_steps": -1}}', r"train\.max_skipped_steps"),
+    ('{"train": {"max_steps": 5, "max_steps": 50}}', r"key 'max_steps' is given twice"),
+    ('{"engine": {"name": "ddp"}, "engine": {"name": "fsdp2"}}', r"key 'engine' is given twice"),
+    ('{"engine": {"name": "deepspeed", "deepspeed": {"optimizer": {"type": "Adam", "params": {}}}}}',
+     r"engine\.deepspeed\.optimizer.*'optimizer' section"),
+    ('{"engine": {"name": "deepspeed", "deepspeed": {"zero_optimization": {"stage": 3}}}}',
+     r"engine\.deepspeed\.zero_optimization\.stage.*engine\.zero_stage"),
+    ('{"engine": {"name": "deepspeed", "deepspeed": {"gradient_clipping": 0}}}', r"train\.grad_clip"),
+])
+def test_hostile_config_is_refused(tmp_path, text, key):
+    p = tmp_path / "job.json"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=key):
+        load_config(p, world_size=2)
+
+
+def test_nan_override_and_offload_override(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.grad_clip"):
+        load_config(None, ["train.grad_clip=NaN"], world_size=2)
+    cfg = load_config(None, ['engine.deepspeed={"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}'],
+                      world_size=2)  # DeepSpeed keys the job does not own are fine
+    assert cfg.engine.deepspeed["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+def test_out_dir_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        with pytest.raises(ConfigError, match=r"log\.out_dir.*is a file, not a directory"):
+            load_config(None, [f"log.out_dir={out}"], world_size=1)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.seed=-5", "train.seed"),
+    ("log.out_dir={file}", "is a file"),
+    ("log.out_dir={shared}", "writable by every user"),
+])
+def test_cli_refuses_before_any_process_group(tmp_path, override, message):
+    """Exit status 2 with launcher variables set and nothing listening: no process group was started."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "shared").mkdir(mode=0o777)
+    os.chmod(tmp_path / "shared", 0o777)
+    env = dict(os.environ, WORLD_SIZE="2", RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="9")
+    proc = subprocess.run([sys.executable, "-m", "sharded_msam_sf.train", "--config", str(ROOT / "configs/job/ddp-cpu.json"),
+                           "--override", override.format(file=tmp_path / "file", shared=tmp_path / "shared")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
