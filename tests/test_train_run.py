@@ -1,13 +1,17 @@
 """The main job end to end: 2 CPU ranks under torchrun (gloo, 127.0.0.1, a free port per run).
 
 Covers the default config beating the unigram baseline, a few steps of every engine
-config, resume == uninterrupted (by max_steps and by SIGTERM), and a SIGKILLed rank
-restarted by torchrun --max-restarts from the last checkpoint.
+config, resume == uninterrupted (by max_steps and by SIGTERM to the whole process tree),
+a SIGKILLed rank restarted by torchrun --max-restarts from the last checkpoint, and the
+faults of issue 14: a planted pickle and a corrupt shard (fallback to the checkpoint that
+verifies), a resume with another sam_mode, orphaned workers holding the out_dir, and a
+run whose steps are all skipped.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -206,12 +210,20 @@ def test_resume_flag_without_checkpoint_fails(tmp_path):
     assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr, proc.stderr
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """Kill torchrun and its workers (its own session), so a failed test leaves no ranks behind."""
+def _kill_tree(proc: subprocess.Popen, workers=()) -> None:
+    """Kill torchrun and its workers, so a failed test leaves no ranks behind. torchrun starts each
+    worker in a session of its own, so they are killed by pid (also `workers`, orphans of an agent
+    that is gone)."""
+    pids = set(workers) | set(_worker_pids(proc.pid).values())
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait(timeout=30)
 
 
@@ -245,7 +257,16 @@ def test_sigterm_checkpoints_and_resume_matches(tmp_path, ddp_long_reference):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_for_step(out, 30, proc)
-        proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+        workers = _worker_pids(proc.pid)
+        # what Slurm does on scancel/preemption: SIGTERM to every process of the tree; torchrun forwards
+        # a second one to the workers, and a third arrives while the stop is pending: all are absorbed
+        os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(0.2)
+        for pid in workers.values():
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         _, err = proc.communicate(timeout=120)
     finally:
         _kill_tree(proc)
@@ -296,3 +317,92 @@ def test_killed_rank_is_restarted_from_the_last_checkpoint(tmp_path, ddp_long_re
     assert max(train_losses(out)) == 120
     assert train_losses(out) == train_losses(ddp_long_reference)
     assert_same_weights(out, ddp_long_reference)
+
+
+# ------------------------------------------------------------------ faults (issue 14)
+class _Planted:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_planted_pickle_and_corrupt_checkpoint_fall_back(tmp_path):
+    """DeepSpeed loads its *_model_states.pt with weights_only=False: a planted pickle there must never be
+    loaded. The manifest check refuses it, names the file, and the job resumes from the previous
+    checkpoint; a resume with another sam_mode is then refused (it would run two passes on a one_pass
+    optimizer state)."""
+    out = tmp_path / "ds"
+    run_job("configs/job/default.json", out, "train.max_steps=6", "checkpoint.interval=3", "eval.interval=3",
+            "log.interval=1", "checkpoint.export=false")
+    marker = tmp_path / "code-ran"
+    target = out / "checkpoints" / "step_000006" / "mp_rank_00_model_states.pt"
+    assert target.is_file()
+    import pickle
+    target.write_bytes(pickle.dumps(_Planted(marker)))
+    proc = run_job("configs/job/default.json", out, "train.max_steps=9", "checkpoint.interval=3", "eval.interval=3",
+                   "log.interval=1", "checkpoint.export=false")
+    assert not marker.exists()
+    assert "step_000006 fails verification, not loaded" in proc.stderr
+    assert "mp_rank_00_model_states.pt has" in proc.stderr  # names the file
+    assert "the newest checkpoint that verifies" in proc.stderr and "at step 3" in proc.stderr
+    assert max(train_losses(out)) == 9
+    proc = run_job("configs/job/default.json", out, "train.max_steps=12", "optimizer.params.sam_mode=two_pass",
+                   expect_rc=1)
+    assert "optimizer.params.sam_mode: 'one_pass' -> 'two_pass'" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_orphaned_workers_block_a_relaunch(tmp_path):
+    """SIGKILL to the torchrun agent leaves its workers training. A relaunch on the same out_dir is refused
+    (rank 0's lock), naming the holder; once they are gone the lock is free again."""
+    out = tmp_path / "orphans"
+    workers = {}
+    endless = ("train.max_steps=100000", "eval.interval=0", "checkpoint.interval=20", "log.interval=1")
+    agent = subprocess.Popen(torchrun_cmd("configs/job/ddp-cpu.json", out, *endless), cwd=ROOT, env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for_step(out, 2, agent)
+        workers = _worker_pids(agent.pid)
+        assert set(workers) == {0, 1}, workers
+        os.kill(agent.pid, signal.SIGKILL)  # the agent only: its workers become orphans
+        agent.wait(timeout=30)
+        time.sleep(0.5)
+        assert all(Path(f"/proc/{pid}").exists() for pid in workers.values())  # still training
+        proc = run_job("configs/job/ddp-cpu.json", out, "train.max_steps=3", expect_rc=1, timeout=120)
+        assert "is in use by another job" in proc.stderr and f'"pid": {workers[0]}' in proc.stderr, \
+            proc.stderr[-3000:]
+    finally:
+        _kill_tree(agent, workers.values())
+    for pid in workers.values():  # orphans are reaped by init: wait until they are gone
+        for _ in range(200):
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            except (OSError, IndexError):
+                break
+            time.sleep(0.05)
+    shutil.rmtree(out / "checkpoints")  # the killed run's (possibly mid-save) checkpoints are not the point
+    run_job("configs/job/ddp-cpu.json", out, "train.max_steps=2", "eval.interval=0", "checkpoint.export=false")
+
+
+def test_all_steps_skipped_stops_the_job(tmp_path):
+    """A learning rate that blows the weights up: every later gradient is NaN and the step is skipped.
+    After train.max_skipped_steps consecutive skips the job stops with status 3, and the newest
+    checkpoint with a finite loss is kept although checkpoint.keep = 1."""
+    out = tmp_path / "nan"
+    proc = subprocess.run([sys.executable, "-m", "sharded_msam_sf.train", "--config",
+                           str(ROOT / "configs/job/ddp-cpu.json"), "--override", f"log.out_dir={out}",
+                           "--override", "train.max_steps=30", "--override", "checkpoint.interval=1",
+                           "--override", "checkpoint.keep=1", "--override", "eval.interval=0",
+                           "--override", "train.max_skipped_steps=3", "--override", "optimizer.params.lr=1e30",
+                           "--override", "optimizer.params.warmup_steps=0", "--override", "train.grad_clip=0",
+                           "--override", "log.progress=lines", "--override", "log.interval=1"], cwd=ROOT,
+                          env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "3 consecutive steps were skipped" in proc.stderr and "train.max_skipped_steps" in proc.stderr
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    finite = [s for s, v in train_losses(out).items() if v == v]
+    assert f"step_{max(finite):06d}" in kept and len(kept) == 2, kept  # the newest finite + the newest
+    assert f"loss was finite (never pruned): {out / 'checkpoints' / f'step_{max(finite):06d}'}" in proc.stderr

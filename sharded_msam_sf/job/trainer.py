@@ -85,7 +85,7 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
     for note in notes:
         progress.message(note)
     if resume_from is not None:
-        progress.message(f"resumed from {resume_from} at step {step} (run {plan.run_id})")
+        progress.message(f"resumed from {resume_from} (run {plan.run_id}) at step {step}")
     else:
         progress.message(f"new run {plan.run_id} in {out_dir}")
     ranks = f"{env.world_size} rank{'s' if env.world_size > 1 else ''}"
@@ -102,6 +102,7 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
     window = torch.tensor(state.get("loss_window", [0.0, 0.0]), dtype=torch.float64, device=env.device)
 
     skipped_before, consecutive_skips, healthy = getattr(opt, "skipped_steps", 0), 0, True
+    last_healthy = resume_from
 
     def job_state():
         return {"train_loss": train_loss, "val_loss": val_loss, "unigram_baseline": baseline,
@@ -133,12 +134,11 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
             healthy = consecutive_skips == 0 and math.isfinite((flags[0] / flags[1]).item())
             limit = cfg.train.max_skipped_steps
             if limit and consecutive_skips >= limit:
-                last_good = ckpt.latest()
                 raise Diverged(
                     f"stopped at step {step}: {consecutive_skips} consecutive steps were skipped because the "
-                    f"gradients held NaN/inf (train.max_skipped_steps = {limit}); the weights have not changed "
-                    f"since the last finite step. Last checkpoint: {last_good}. Lower the learning rate, check "
-                    "the data, or raise train.max_skipped_steps")
+                    f"gradients held NaN/inf (train.max_skipped_steps = {limit}). The newest checkpoint whose "
+                    f"loss was finite (never pruned): {last_healthy}. Lower the learning rate, check the data, "
+                    "or raise train.max_skipped_steps")
             progress.train_time += time.perf_counter() - t0
             progress.steps_timed += 1
 
@@ -160,6 +160,7 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
             if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last or signum:
                 t_save = time.perf_counter()
                 path = ckpt.save(engine, step, job_state())
+                last_healthy = path if healthy else last_healthy
                 progress.message(f"checkpoint: {path} ({time.perf_counter() - t_save:.1f} s)")
             if signum and stop.repeats:
                 progress.message(f"{stop.repeats} repeated stop signal(s) absorbed while the checkpoint was "
