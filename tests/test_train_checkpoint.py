@@ -191,6 +191,16 @@ def test_explicit_path_does_not_fall_back(tmp_path):
         plan_resume(cfg_for(tmp_path, f"checkpoint.resume={root / 'step_000006'}"), Checkpointer(tmp_path, 0, 2, 1))
 
 
+def test_explicit_path_into_another_runs_out_dir_is_refused(tmp_path):
+    save_steps(tmp_path / "a", [3], run_id="run-a")
+    save_steps(tmp_path / "b", [5], run_id="run-b")
+    src = tmp_path / "a" / "checkpoints" / "step_000003"
+    with pytest.raises(RunDirError, match="holds checkpoints of run.*run-b.*belongs to run run-a"):
+        plan_resume(cfg_for(tmp_path / "b", f"checkpoint.resume={src}"), Checkpointer(tmp_path / "b", 0, 2, 1))
+    plan = plan_resume(cfg_for(tmp_path / "c", f"checkpoint.resume={src}"), Checkpointer(tmp_path / "c", 0, 2, 1))
+    assert plan.path == src and plan.run_id == "run-a"  # into a fresh out_dir: the run continues there
+
+
 def test_fresh_and_must(tmp_path):
     plan = plan_resume(cfg_for(tmp_path), Checkpointer(tmp_path, 0, 2, 1))
     assert plan.path is None and len(plan.run_id) == 12

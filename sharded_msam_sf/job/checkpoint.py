@@ -354,6 +354,13 @@ def read_manifest(ckpt: Path) -> dict:
     return m
 
 
+def _run_of(ckpt: Path) -> str | None:
+    try:
+        return read_manifest(ckpt)["run_id"]
+    except CheckpointError:
+        return None
+
+
 def read_state(ckpt: Path) -> dict:
     """job_state.json of a checkpoint, checked for the keys the loop needs."""
     state = read_json(Path(ckpt) / STATE_FILE, "checkpoint state")
@@ -634,6 +641,13 @@ def plan_resume(cfg, ckpt: Checkpointer) -> ResumePlan:
             run = read_manifest(c)["run_id"]
             if run != own_run:
                 problems = [f"{c} belongs to run {run}, not to this run ({own_run})"]
+        if not problems and not fallback:  # an explicit path: out_dir must not hold another run's checkpoints
+            run = read_manifest(c)["run_id"]
+            others = _broadcast(sorted({_run_of(p) for p in ckpt.complete()} - {run, None}) if rank == 0 else None)
+            if others:
+                raise RunDirError(f"{ckpt.root} holds checkpoints of run(s) {', '.join(others)}, and {c} belongs "
+                                  f"to run {run}; a run never mixes its checkpoints with another's. Resume it "
+                                  "into a fresh log.out_dir")
         if not problems:
             if failures:
                 notes.append(f"resuming from {c}, the newest checkpoint that verifies")
