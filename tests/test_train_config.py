@@ -323,7 +323,7 @@ def test_cli_refuses_before_any_process_group(tmp_path, override, message):
     (tmp_path / "shared").mkdir(mode=0o777)
     os.chmod(tmp_path / "shared", 0o777)
     env = dict(os.environ, WORLD_SIZE="2", RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="9")
-    proc = subprocess.run([sys.executable, "-m", "sharded_msam_sf.train", "--config", str(ROOT / "configs/job/ddp-cpu.json"),
-                           "--override", override.format(file=tmp_path / "file", shared=tmp_path / "shared")],
+    proc = subprocess.run([sys.executable, "-m", "sharded_msam_sf.train",
+                           "--config", str(ROOT / "configs/job/ddp-cpu.json"), "--override", override.format(file=tmp_path / "file", shared=tmp_path / "shared")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
