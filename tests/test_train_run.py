@@ -406,3 +406,18 @@ def test_all_steps_skipped_stops_the_job(tmp_path):
     finite = [s for s, v in train_losses(out).items() if v == v]
     assert f"step_{max(finite):06d}" in kept and len(kept) == 2, kept  # the newest finite + the newest
     assert f"loss was finite (never pruned): {out / 'checkpoints' / f'step_{max(finite):06d}'}" in proc.stderr
+
+
+def test_planted_dcp_metadata_is_never_loaded(tmp_path):
+    """DCP unpickles an FSDP checkpoint's .metadata: a planted one fails verification (naming the file)
+    and, with no other checkpoint to fall back to, the job stops rather than start afresh over it."""
+    out = tmp_path / "fsdp2"
+    run_job("configs/job/fsdp2-cpu.json", out, "train.max_steps=2", "checkpoint.interval=2", "eval.interval=0",
+            "checkpoint.export=false", "log.plot=false")
+    marker = tmp_path / "code-ran"
+    import pickle
+    (out / "checkpoints" / "step_000002" / ".metadata").write_bytes(pickle.dumps(_Planted(marker)))
+    proc = run_job("configs/job/fsdp2-cpu.json", out, "train.max_steps=4", expect_rc=1)
+    assert not marker.exists()
+    assert "no checkpoint to resume verifies" in proc.stderr and "step_000002/.metadata has" in proc.stderr, \
+        proc.stderr[-3000:]
