@@ -183,6 +183,14 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path):
         plan_resume(cfg_for(tmp_path), Checkpointer(tmp_path, 0, 2, 1))
 
 
+def test_fallback_stays_within_the_run(tmp_path):
+    save_steps(tmp_path, [3], run_id="old-run")
+    save_steps(tmp_path, [6], run_id="new-run")
+    flip_byte(tmp_path / "checkpoints" / "step_000006" / "__0_0.distcp")
+    with pytest.raises(CheckpointError, match="step_000003 belongs to run old-run, not to this run \\(new-run\\)"):
+        plan_resume(cfg_for(tmp_path), Checkpointer(tmp_path, 0, 2, 1))
+
+
 def test_explicit_path_does_not_fall_back(tmp_path):
     save_steps(tmp_path, [3, 6])
     root = tmp_path / "checkpoints"

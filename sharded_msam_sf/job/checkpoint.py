@@ -618,7 +618,10 @@ def plan_resume(cfg, ckpt: Checkpointer) -> ResumePlan:
                     "never mixes its checkpoints with another's. Use a fresh log.out_dir, remove that "
                     "directory, or continue it with checkpoint.resume=auto")
             return [], False, None, None
-        return [str(p) for p in ckpt.candidates()], True, own_run, None
+        cands = ckpt.candidates()
+        if own_run is None:  # the run is the newest checkpoint's: never fall back into another run's
+            own_run = next((r for r in map(_run_of, cands) if r is not None), None)
+        return [str(p) for p in cands], True, own_run, None
 
     err = None
     listed = None
