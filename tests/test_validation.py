@@ -19,7 +19,7 @@ def _params():
     (dict(betas=(-0.1, 0.999)), r"Invalid beta parameter at index 0: -0.1"),
     (dict(betas=(0.9, 1.0)), r"Invalid beta parameter at index 1: 1.0 \(valid: 0 <= beta2 < 1\)"),
     (dict(betas=(0.9,)), r"Invalid betas: \(0.9,\) \(valid: a pair"),
-    (dict(eps=-1e-8), r"Invalid epsilon value \(eps\): -1e-08 \(valid: >= 0\)"),
+    (dict(eps=-1e-8), r"Invalid epsilon value \(eps\): -1e-08 \(valid: a finite number >= 0\)"),
     (dict(weight_decay=-0.1), r"Invalid weight_decay: -0.1"),
     (dict(warmup_steps=-1), r"Invalid warmup_steps: -1 \(valid: an integer >= 0\)"),
     (dict(warmup_steps=2.5), r"Invalid warmup_steps: 2.5"),
