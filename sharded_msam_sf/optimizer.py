@@ -206,7 +206,7 @@ class AdamWMSAMScheduleFree(Optimizer):
             try:
                 H.validate(group)
             except ValueError as e:
-                raise type(e)(f"{e} in param_groups[{i}] (checked by {where})") from None
+                raise ValueError(f"{e} in param_groups[{i}] (checked by {where})") from None
             if group["sam_mode"] != self._mode:
                 raise ValueError(f"Invalid sam_mode: param_groups[{i}] has {group['sam_mode']!r} but this optimizer "
                                  f"runs {self._mode!r}; the mode cannot change after construction (build a new one)")
