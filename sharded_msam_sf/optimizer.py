@@ -153,6 +153,7 @@ class AdamWMSAMScheduleFree(Optimizer):
             raise TypeError("params must be an iterable of Tensors or dicts, not a single Tensor")
         params = list(params)
         self._fused_state = K.FusedState()   # this optimizer's compile failures (see kernels)
+        self._validated: Dict[int, tuple] = {}   # id(group) -> the hyperparameters last validated
         super().__init__(params, defaults)
         self._mode = self.param_groups[0]["sam_mode"]
         if backend is None:
@@ -163,6 +164,7 @@ class AdamWMSAMScheduleFree(Optimizer):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_fused_state", K.FusedState())
+        self.__dict__.setdefault("_validated", {})
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -201,8 +203,12 @@ class AdamWMSAMScheduleFree(Optimizer):
             group["train_mode"] = self.param_groups[0]["train_mode"]
 
     def _check_groups(self, where: str) -> None:
-        """The hyperparameters again (``param_groups`` may have been edited since construction)."""
+        """The hyperparameters again (``param_groups`` may have been edited since construction);
+        a group whose values equal the ones last validated is not checked twice."""
         for i, group in enumerate(self.param_groups):
+            snapshot = tuple(map(group.get, H.DEFAULTS))
+            if not isinstance(group["lr"], Tensor) and self._validated.get(id(group)) == snapshot:
+                continue
             try:
                 H.validate(group)
             except ValueError as e:
@@ -212,6 +218,7 @@ class AdamWMSAMScheduleFree(Optimizer):
                                  f"runs {self._mode!r}; the mode cannot change after construction (build a new one)")
             if group["rho"] is None:
                 group["rho"] = default_rho(group["sam_mode"])
+            self._validated[id(group)] = tuple(map(group.get, H.DEFAULTS))
 
     @property
     def backend(self) -> Backend:
