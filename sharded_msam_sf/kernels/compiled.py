@@ -14,7 +14,7 @@ tensor size and every step (one compile per dtype combination, cached on disk by
 Inductor across processes). bf16 state is computed in fp32 and written back with
 stochastic rounding inside the same kernel (:mod:`.bf16_state`).
 
-Failures: an exception raised while compiling (:data:`COMPILE_ERRORS`: nothing has run,
+Failures: an exception raised while compiling (:func:`compile_errors`: nothing has run,
 nothing was written) disables the compiled kernels for that device type in the
 :class:`FusedState` of the one optimizer that hit it — with ``impl="fused"`` it is a
 ``RuntimeError`` instead. Any other exception from an update kernel is raised as is,
@@ -37,21 +37,28 @@ from .bf16_state import r16s, round_to
 from .rules import compute_dtype, grad_compute_dtype, grad_flags, is_low
 from .scalars import unpack
 
-__all__ = ["FusedState", "COMPILE_ERRORS", "available", "unavailable_reason", "call", "counters"]
+__all__ = ["FusedState", "compile_errors", "available", "unavailable_reason", "call", "counters"]
 
 
-def _compile_errors() -> tuple:
-    import torch._dynamo.exc as dexc
-    import torch._inductor.exc as iexc
-    names = ("BackendCompilerFailed", "Unsupported", "FailOnRecompileLimitHit", "RecompileError",
-             "TorchRuntimeError", "InternalTorchDynamoError")
-    errs = tuple(getattr(dexc, n) for n in names if hasattr(dexc, n))
-    errs += tuple(getattr(iexc, n) for n in ("InductorError", "CppCompileError", "CUDACompileError") if hasattr(iexc, n))
-    return errs + TK.COMPILE_ERRORS
+_errors: Dict[str, tuple] = {}
 
 
-COMPILE_ERRORS = _compile_errors()
-_RECOMPILE_LIMIT = tuple(e for e in COMPILE_ERRORS if "RecompileLimit" in e.__name__)
+def compile_errors() -> tuple:
+    """The exception classes raised while compiling (nothing has run yet): dynamo's and
+    Inductor's (imported on first use: importing torch._dynamo takes seconds) and Triton's."""
+    if "all" not in _errors:
+        import torch._dynamo.exc as dexc
+        import torch._inductor.exc as iexc
+        names = ("BackendCompilerFailed", "Unsupported", "FailOnRecompileLimitHit", "RecompileError",
+                 "TorchRuntimeError", "InternalTorchDynamoError")
+        errs = tuple(getattr(dexc, n) for n in names if hasattr(dexc, n))
+        errs += tuple(getattr(iexc, n) for n in ("InductorError", "CppCompileError", "CUDACompileError")
+                      if hasattr(iexc, n))
+        _errors["all"] = errs + TK.COMPILE_ERRORS
+        _errors["limit"] = tuple(e for e in errs if "RecompileLimit" in e.__name__)
+    return _errors["all"]
+
+
 _counters = {"calls": 0, "triton_calls": 0}
 
 
@@ -225,14 +232,15 @@ def call(state: FusedState, impl: str, name: str, *args):
             _counters["calls"] += 1
             _counters["triton_calls"] += 1
             return True if out is None else out
+    errors = compile_errors()
     try:
         out = _kernel(name)(*args)
-    except _RECOMPILE_LIMIT:
+    except _errors["limit"]:
         # too many dtype/alignment variants of one kernel: this tensor goes eager, the others stay fused
         state.warn_once(f"limit:{name}", "AdamWMSAMScheduleFree: torch.compile's recompile limit was hit for the "
                         f"fused {name} kernel; tensors needing a new variant use the foreach path")
         return None
-    except COMPILE_ERRORS as err:
+    except errors as err:
         reason = state.failed[device.type] = f"torch.compile failed: {_first_line(err)}"
         if impl == "fused":
             raise RuntimeError(f"AdamWMSAMScheduleFree(fused=True): {reason}; "
