@@ -1,11 +1,12 @@
 """The fused (torch.compile'd) step follows the same trajectory as the foreach and
 single-tensor paths and the x/y/z reference: both modes, weight decay, warm-up, two
 groups, params without gradients, an eval/train switch, NaN skips, bf16 params, rho=0
-against schedulefree; plus the dispatch rules (auto threshold, fallback, no recompiles).
+against schedulefree; plus the dispatch rules (auto threshold, per-optimizer fallback, no
+re-run after a kernel wrote, no recompiles).
 
 Compilation is the cost here: every test uses fp32 (or bf16) tensors of a few sizes,
 so the kernels compile once per dtype combination and are reused (dynamic shapes,
-hyperparameters passed as symbolic floats). Inductor also caches them on disk.
+hyperparameters in one float64 tensor, kernels/scalars.py). Inductor also caches them on disk.
 """
 from __future__ import annotations
 
