@@ -49,6 +49,7 @@ from . import hyperparams as H
 from . import kernels as K
 from .backends import Backend, detect_backend
 from .hyperparams import SAM_MODES, default_rho
+from .kernels.rules import decode_flag, encode_flags
 
 __all__ = ["AdamWMSAMScheduleFree", "SAM_MODES", "default_rho"]
 
@@ -496,10 +497,12 @@ class AdamWMSAMScheduleFree(Optimizer):
         return active, inactive
 
     def _collect_stats(self, fold: bool) -> Tuple[Tensor, List[Tuple[List[Tensor], List[Tensor]]]]:
-        """One float64 tensor ``[sumsq_0, …, sumsq_{G−1}, nonfinite, v_overflow]`` and each group's params.
+        """One float64 tensor ``[sumsq_0, …, sumsq_{G−1}, flag]`` and each group's params.
 
         ``fold``: ``sumsq_i`` is of the momentum after folding in the current gradient;
-        otherwise only the gradient flags (:mod:`sharded_msam_sf.kernels.rules`) are computed."""
+        otherwise only the gradient flags are computed. ``flag`` carries both gradient flags
+        in one scalar (:func:`sharded_msam_sf.kernels.rules.encode_flags`: inf if some gradient
+        is NaN/inf, else > 0 if some finite g² overflowed), so the stats stay G + 1 values."""
         rows, parts = [], []
         for group in self.param_groups:
             with_m = fold and self._uses_ascent(group)
@@ -513,19 +516,18 @@ class AdamWMSAMScheduleFree(Optimizer):
                 row = row + K.ascent_stats(self._ms(inactive), [], beta_m=None, impl=impl, state=st)
             rows.append(row)
         if not rows:
-            return torch.zeros(2, dtype=torch.float64), parts
+            return torch.zeros(1, dtype=torch.float64), parts
         stacked = torch.stack(rows)
-        stats = torch.cat([stacked[:, 0], stacked[:, 1:].amax(0)])
+        stats = torch.cat([stacked[:, 0], encode_flags(stacked[:, 1:].amax(0)).reshape(1)])
         return stats, parts
 
     def _read(self, stats: Tensor) -> Tuple[float, bool, bool]:
         """(the global ||m|| over the groups with rho > 0, nonfinite, v_overflow) from the
         reduced stats, with one device-to-host copy."""
         values = stats.tolist()
-        n = len(self.param_groups)
         sumsq = sum(values[i] for i, g in enumerate(self.param_groups) if self._uses_ascent(g))
         norm = math.sqrt(sumsq) if sumsq > 0.0 else 0.0
-        return norm, values[n] > 0, values[n + 1] > 0
+        return (norm,) + decode_flag(values[-1])
 
     def _norm(self, stats: Tensor) -> float:
         """The global ||m|| over the groups with rho > 0, from the reduced stats."""

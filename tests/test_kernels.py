@@ -157,3 +157,17 @@ def test_shift_and_swap_go_through_the_dispatcher(impl, monkeypatch):
     opt.eval()
     opt.train()
     assert {n for n, _ in seen} == {"add_scaled_", "swap_y_x_"} and {i for _, i in seen} == {impl}
+
+
+def test_flags_travel_as_one_scalar_through_sum_and_max():
+    """The optimizer all-reduces G + 1 values: both gradient flags share the last one."""
+    flags = {"clean": [0.0, 0.0], "overflow": [0.0, 1.0], "nonfinite": [1.0, 0.0], "both": [1.0, 1.0]}
+    enc = {k: rules.encode_flags(torch.tensor(v, dtype=torch.float64)).item() for k, v in flags.items()}
+    expect = {"clean": (False, False), "overflow": (False, True), "nonfinite": (True, False), "both": (True, False)}
+    for a in flags:
+        for b in flags:
+            for reduce in (sum, max):
+                got = rules.decode_flag(float(reduce([enc[a], enc[b]])))
+                want = (expect[a][0] or expect[b][0], not (expect[a][0] or expect[b][0])
+                        and (expect[a][1] or expect[b][1]))
+                assert got == want, (a, b, reduce)

@@ -16,18 +16,21 @@
     optimizer warns and counts it).
 
   Every implementation reduces max|g| its own way (per tensor, per block) and calls
-  :func:`grad_flags`, which gives ``[nonfinite, v_overflow]`` as float64 0/1 — flags, so
-  that summing or max-reducing them over ranks keeps their meaning.
+  :func:`grad_flags`, which gives ``[nonfinite, v_overflow]`` as float64 0/1. Across
+  ranks the two travel as one scalar (:func:`encode_flags`: ``inf`` if non-finite, else
+  the overflow flag), which a SUM or a MAX all-reduce keeps meaningful (:func:`decode_flag`).
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import math
+from typing import Iterable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 __all__ = ["LOW_PRECISION_STATE", "compute_dtype", "grad_compute_dtype", "is_low", "require_compute_state",
-           "grad_flags", "no_flags"]
+           "grad_flags", "no_flags",
+           "encode_flags", "decode_flag"]
 
 LOW_PRECISION_STATE = (torch.bfloat16,)
 
@@ -69,3 +72,16 @@ def grad_flags(amax: Tensor) -> Tensor:
 def no_flags(device) -> Tensor:
     """The flags of an empty set of gradients."""
     return torch.zeros(2, dtype=torch.float64, device=device)
+
+
+def encode_flags(flags: Tensor) -> Tensor:
+    """``[nonfinite, v_overflow]`` (any leading shape ``(..., 2)``) as one float64 value each:
+    ``inf`` where non-finite, else ``v_overflow`` (0 or 1). Sums and maxima over ranks keep
+    the meaning: inf iff some rank saw a non-finite gradient, > 0 iff some rank overflowed."""
+    return torch.where(flags[..., 0] > 0, torch.full_like(flags[..., 1], float("inf")), flags[..., 1])
+
+
+def decode_flag(value: float) -> Tuple[bool, bool]:
+    """(nonfinite, v_overflow) from a reduced :func:`encode_flags` value."""
+    nonfinite = not math.isfinite(value)
+    return nonfinite, (not nonfinite) and value > 0
