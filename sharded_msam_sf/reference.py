@@ -11,7 +11,7 @@ only a view for the model: it is *written* from x, y, z, m, never read back
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import Tensor
