@@ -18,7 +18,7 @@ the SF lr and warm-up):
     msam_sf_1p      AdamWMSAMScheduleFree one_pass (MSAM), rho 1.0 (its default)
     msam_sf_2p      AdamWMSAMScheduleFree two_pass, ascent_beta=β1, rho 0.05 (its default)
     msam_sf_1p_plus one_pass with the opposite perturbation sign — the seed note's literal
-                    θ + ρ·x/||x|| (an ablation through a private group key, not an option)
+                    θ + ρ·x/||x|| (an ablation: a subclass, SeedSignMSAM, not an option)
     psgd_kron       heavyball.PSGDKron, lr 3e-3, warm-up 5% + cosine decay (no torch.compile)
 
 Budgets: ``steps`` — every optimizer takes N steps (two-pass ones use 2N gradients);
@@ -132,6 +132,14 @@ def warmup_cosine(total: int):
     return f
 
 
+class SeedSignMSAM(AdamWMSAMScheduleFree):
+    """The ablation: one_pass with the seed note's literal sign, ``θ + ρ·m/||m||`` (MSAM and
+    this package use ``−ρ·m/||m||``; see ALGORITHM.md). Not an option of the optimizer."""
+
+    def _ascent_scale(self, group, norm):
+        return -super()._ascent_scale(group, norm)
+
+
 def make_optimizer(name: str, model: nn.Module, steps: int):
     """(optimizer, lr scheduler or None)."""
     params = list(model.parameters())
@@ -156,11 +164,10 @@ def make_optimizer(name: str, model: nn.Module, steps: int):
         opt = AdamWMSAMScheduleFree(params, sam_mode="two_pass", ascent_beta=0.0, **kw)
     elif name == "msam_sf_2p":
         opt = AdamWMSAMScheduleFree(params, sam_mode="two_pass", **kw)
-    elif name in ("msam_sf_1p", "msam_sf_1p_plus"):
+    elif name == "msam_sf_1p":
         opt = AdamWMSAMScheduleFree(params, sam_mode="one_pass", **kw)
-        if name == "msam_sf_1p_plus":
-            for group in opt.param_groups:
-                group["_ascent_sign"] = -1.0  # private ablation key: the seed's literal sign
+    elif name == "msam_sf_1p_plus":
+        opt = SeedSignMSAM(params, sam_mode="one_pass", **kw)
     else:
         raise ValueError(f"optimizer: unknown name {name!r}, expected one of {OPTIMIZERS}")
     return opt, None

@@ -23,7 +23,7 @@ def correctness(device: torch.device) -> dict:
     on the CPU (fp32), one_pass and two_pass, two groups, warm-up, weight decay, a param
     without grads every third step, a NaN step; and bf16 state fused vs foreach."""
     from sharded_msam_sf import AdamWMSAMScheduleFree, AdamWMSAMScheduleFreeReference
-    from sharded_msam_sf import fused_compile as K
+    from sharded_msam_sf import kernels as K
 
     hp = dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, warmup_steps=10, r=0.5, weight_lr_power=2.0)
 

@@ -21,8 +21,9 @@ import statistics
 import torch
 
 from sharded_msam_sf import AdamWMSAMScheduleFree
-from sharded_msam_sf import fused_compile as K
-from sharded_msam_sf import stochastic_rounding as SR
+from sharded_msam_sf.kernels import bf16_state as SR
+
+_ROUND_TO = SR.round_to
 
 
 def model_and_data(seed, d=64, hidden=256, n=2048):
@@ -48,7 +49,7 @@ def train(seed, variant, steps, perturb_batch=None, lr=1e-3):
     opt = AdamWMSAMScheduleFree(model.parameters(), lr=lr, weight_decay=0.01, warmup_steps=20,
                                 state_dtype=sd, foreach=True)
     if variant == "bf16_nearest":  # the contrast: a plain round-to-nearest cast of the state
-        K.round_to = lambda xv, dtype, r16: xv.to(dtype)
+        SR.round_to = lambda xv, dtype, r16: xv.to(dtype)
     try:
         opt.train()
         g = torch.Generator().manual_seed(seed + 7)
@@ -69,7 +70,7 @@ def train(seed, variant, steps, perturb_batch=None, lr=1e-3):
         w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         return dict(train_loss=train_loss, test_loss=test_loss, w=w, x0=x0, curve=losses)
     finally:
-        K.round_to = SR.round_to
+        SR.round_to = _ROUND_TO
 
 
 def main(argv=None):

@@ -3,7 +3,8 @@
 ``from sharded_msam_sf import AdamWMSAMScheduleFree`` — see ``ALGORITHM.md`` for the math
 and the README for the training loops (one_pass, two_pass, DDP, FSDP, DeepSpeed).
 """
-from .optimizer import SAM_MODES, AdamWMSAMScheduleFree, default_rho
+from .hyperparams import SAM_MODES, default_rho
+from .optimizer import AdamWMSAMScheduleFree
 from .reference import AdamWMSAMScheduleFreeReference
 
 __all__ = ["AdamWMSAMScheduleFree", "AdamWMSAMScheduleFreeReference", "SAM_MODES", "default_rho"]

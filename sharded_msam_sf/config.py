@@ -18,8 +18,9 @@ whose message starts with the key, e.g.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Mapping
+
+from . import hyperparams as H
 
 __all__ = ["ConfigError", "OPTIMIZER_TYPE", "OPTIMIZER_PARAMS", "is_our_optimizer", "optimizer_kwargs_from_config"]
 
@@ -27,41 +28,35 @@ OPTIMIZER_TYPE = "AdamWMSAMScheduleFree"
 # accepted spellings of the type (compared case-insensitively, '_' and '-' ignored)
 _TYPE_ALIASES = ("adamwmsamschedulefree",)
 
-# key -> (description of the valid values, check)
-_NUMBER = (int, float)
-
-
-def _num(v: Any) -> bool:
-    return isinstance(v, _NUMBER) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _betas(v: Any) -> bool:
-    return (isinstance(v, (list, tuple)) and len(v) == 2 and all(_num(b) for b in v)
-            and 0.0 < v[0] < 1.0 and 0.0 <= v[1] < 1.0)
-
-
-OPTIMIZER_PARAMS: Dict[str, tuple] = {
-    "lr": ("a finite number >= 0", lambda v: _num(v) and v >= 0.0),
-    "betas": ("a list [beta1, beta2] with 0 < beta1 < 1 and 0 <= beta2 < 1", _betas),
-    "eps": ("a finite number >= 0", lambda v: _num(v) and v >= 0.0),
-    "weight_decay": ("a finite number >= 0", lambda v: _num(v) and v >= 0.0),
-    "warmup_steps": ("an integer >= 0", lambda v: _int(v) and v >= 0),
-    "r": ("a finite number >= 0", lambda v: _num(v) and v >= 0.0),
-    "weight_lr_power": ("a finite number >= 0", lambda v: _num(v) and v >= 0.0),
-    "rho": ("null or a finite number >= 0 (0 gives plain Schedule-Free AdamW)", lambda v: v is None or (_num(v) and v >= 0.0)),
-    "ascent_beta": ("null (= beta1) or a number with 0 <= ascent_beta < 1", lambda v: v is None or (_num(v) and 0.0 <= v < 1.0)),
-    "sam_mode": ("\"one_pass\" or \"two_pass\"", lambda v: v in ("one_pass", "two_pass")),
-    "foreach": ("null, true or false", lambda v: v is None or isinstance(v, bool)),
-    "fused": ("null (fused where it pays), true or false", lambda v: v is None or isinstance(v, bool)),
-    "state_dtype": ("null (fp32), \"float32\" or \"bfloat16\" (stochastically rounded state)",
-                    lambda v: v in (None, "float32", "fp32", "bfloat16", "bf16")),
+# key -> the valid values, in JSON's words; the rules themselves are hyperparams.check's
+OPTIMIZER_PARAMS: Dict[str, str] = {
+    "lr": "a finite number >= 0",
+    "betas": "a list [beta1, beta2] with 0 < beta1 < 1 and 0 <= beta2 < 1",
+    "eps": "a finite number >= 0",
+    "weight_decay": "a finite number >= 0",
+    "warmup_steps": "an integer >= 0",
+    "r": "a finite number >= 0",
+    "weight_lr_power": "a finite number >= 0",
+    "rho": "null or a finite number >= 0 (0 gives plain Schedule-Free AdamW)",
+    "ascent_beta": "null (= beta1) or a number with 0 <= ascent_beta < 1",
+    "sam_mode": " or ".join(f'"{m}"' for m in H.SAM_MODES),
+    "foreach": "null, true or false",
+    "fused": "null (fused where it pays), true or false",
+    "state_dtype": "null (fp32), \"float32\" or \"bfloat16\" (stochastically rounded state)",
 }
+assert tuple(OPTIMIZER_PARAMS) == tuple(H.DEFAULTS), "config.OPTIMIZER_PARAMS must list hyperparams.DEFAULTS"
 _STATE_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 _SECTION_KEYS = ("type", "params")
+
+
+def _from_json(key: str, value: Any) -> Any:
+    """The Python value of a JSON value (a list of betas, a dtype name); others as they are."""
+    if key == "betas" and isinstance(value, list):
+        return tuple(value)
+    if key == "state_dtype" and isinstance(value, str) and value in _STATE_DTYPES:
+        import torch
+        return getattr(torch, _STATE_DTYPES[value])
+    return value
 
 
 class ConfigError(ValueError):
@@ -106,17 +101,16 @@ def optimizer_kwargs_from_config(section: Mapping[str, Any], prefix: str = "opti
     for key, value in params.items():
         if key not in OPTIMIZER_PARAMS:
             raise ConfigError(f"{prefix}.params.{key}: unknown key (valid: {', '.join(OPTIMIZER_PARAMS)})")
-        valid, check = OPTIMIZER_PARAMS[key]
+        converted = _from_json(key, value)
         try:
-            ok = bool(check(value))
-        except TypeError:
-            ok = False
-        if not ok:
-            raise ConfigError(f"{prefix}.params.{key}: invalid value {value!r} (valid: {valid})")
+            H.check(key, converted)
+        except H.InvalidHyperparameter:
+            raise ConfigError(f"{prefix}.params.{key}: invalid value {value!r} (valid: {OPTIMIZER_PARAMS[key]})") from None
         if key == "betas":
-            value = tuple(float(b) for b in value)
-        elif key == "state_dtype" and value is not None:
-            import torch
-            value = getattr(torch, _STATE_DTYPES[value])
-        kwargs[key] = value
+            converted = tuple(float(b) for b in converted)
+        kwargs[key] = converted
+    try:
+        H.validate(kwargs)
+    except ValueError as e:  # the rules between keys (fused and foreach)
+        raise ConfigError(f"{prefix}.params: {e}") from None
     return kwargs

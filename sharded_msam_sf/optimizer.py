@@ -1,7 +1,7 @@
 """AdamWMSAMScheduleFree: Schedule-Free AdamW with a Momentum-SAM ascent.
 
-The math is ``ALGORITHM.md`` (summarised in :mod:`sharded_msam_sf.functional`);
-this class holds the state, checks the calls, and runs the mode machine:
+The math is ``ALGORITHM.md`` (summarised in :mod:`sharded_msam_sf.kernels`, the only place
+it is written); this class holds the state, checks the calls, and runs the mode machine:
 
 =====================  ==============================================  ===========================================
 call                   one_pass (MSAM, default)                        two_pass (SAM-style, the seed's loop)
@@ -19,7 +19,17 @@ with ``rho > 0``, ``exp_avg`` (the MSAM momentum ``m``) — fp32 for bf16/fp16
 params. Per group (saved by ``state_dict()``): the step counter ``k``, the
 averaging sums ``weight_sum``/``lr_max``, ``train_mode``, ``ascent_scale`` (the
 ``s`` computed once per ascent, so removal subtracts exactly what was added),
-``at_ascent`` and ``skipped_steps``.
+``at_ascent``, ``ascent_taken`` (two_pass: ``move_to_ascent()`` ran since the last step),
+``skipped_steps`` and ``v_overflow_steps``.
+
+Calls in the wrong order raise a ``RuntimeError`` that says what to call: ``step()`` in
+eval mode; in two_pass, ``step()`` with ``rho > 0`` and no ``move_to_ascent()`` since the
+last step, and ``move_to_ascent()`` twice. ``eval()`` between ``move_to_ascent()`` and
+``step()`` (two_pass) abandons that ascent: the params go to x, m keeps the folded
+first gradient, and after ``train()`` the next ``step()`` needs a new
+``move_to_ascent()``. A param group added after ``train()`` joins in train mode.
+Hyperparameters are checked (:mod:`sharded_msam_sf.hyperparams`) at construction, in
+``add_param_group``, in ``load_state_dict`` and again at every ``step()``.
 
 The optimizer never calls ``torch.distributed``: the back end (chosen from the
 params, see :mod:`sharded_msam_sf.backends`) reduces one small tensor per
@@ -35,20 +45,20 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import functional as F
-from . import fused_compile as K
+from . import hyperparams as H
+from . import kernels as K
 from .backends import Backend, detect_backend
+from .hyperparams import SAM_MODES, default_rho
+from .kernels.rules import decode_flag, encode_flags
 
 __all__ = ["AdamWMSAMScheduleFree", "SAM_MODES", "default_rho"]
 
-SAM_MODES = ("one_pass", "two_pass")
-_DEFAULT_RHO = {"one_pass": 1.0, "two_pass": 0.05}
 _STATE_KEYS = ("z", "exp_avg_sq", "exp_avg")
-
-
-def default_rho(sam_mode: str) -> float:
-    """rho=None means 1.0 in one_pass (MSAM's AdamW default) and 0.05 in two_pass (SAM's)."""
-    return _DEFAULT_RHO[sam_mode]
+# the per-group counters and mode flags, besides the hyperparameters (saved by state_dict())
+_COUNTERS = dict(k=0, train_mode=False, weight_sum=0.0, lr_max=-1.0, ascent_scale=0.0, at_ascent=False)
+# later additions: filled in with these defaults when an older checkpoint lacks them
+_OPTIONAL_COUNTERS = dict(scheduled_lr=0.0, skipped_steps=0, skip_pending=False, ascent_taken=False,
+                          v_overflow_steps=0)
 
 
 def _state_dtype(p: Tensor, state_dtype: Optional[torch.dtype] = None) -> torch.dtype:
@@ -57,52 +67,23 @@ def _state_dtype(p: Tensor, state_dtype: Optional[torch.dtype] = None) -> torch.
     return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
-def _check_range(name: str, value: Any, ok: bool, valid: str) -> None:
-    if not ok:
-        raise ValueError(f"Invalid {name}: {value!r} (valid: {valid})")
+def _scalar(v: Any) -> float:
+    return float(v.item() if isinstance(v, Tensor) else v)
 
 
-def _validate_group(group: Dict[str, Any]) -> None:
-    lr = group["lr"]
-    lr_value = lr.item() if isinstance(lr, Tensor) else lr
-    _check_range("learning rate (lr)", lr_value, isinstance(lr_value, (int, float)) and math.isfinite(lr_value) and lr_value >= 0.0, "a finite number >= 0")
-    betas = group["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"Invalid betas: {betas!r} (valid: a pair (beta1, beta2))")
-    b1, b2 = betas
-    _check_range("beta parameter at index 0", b1, isinstance(b1, (int, float)) and 0.0 < b1 < 1.0,
-                 "0 < beta1 < 1; beta1 = 0 is excluded because eval() recovers x from y and z by dividing by beta1")
-    _check_range("beta parameter at index 1", b2, isinstance(b2, (int, float)) and 0.0 <= b2 < 1.0, "0 <= beta2 < 1")
-    _check_range("epsilon value (eps)", group["eps"], isinstance(group["eps"], (int, float)) and group["eps"] >= 0.0, ">= 0")
-    wd = group["weight_decay"]
-    _check_range("weight_decay", wd, isinstance(wd, (int, float)) and math.isfinite(wd) and wd >= 0.0, "a finite number >= 0")
-    ws = group["warmup_steps"]
-    _check_range("warmup_steps", ws, isinstance(ws, int) and not isinstance(ws, bool) and ws >= 0, "an integer >= 0")
-    _check_range("r", group["r"], isinstance(group["r"], (int, float)) and math.isfinite(group["r"]) and group["r"] >= 0.0, "a finite number >= 0")
-    wlp = group["weight_lr_power"]
-    _check_range("weight_lr_power", wlp, isinstance(wlp, (int, float)) and math.isfinite(wlp) and wlp >= 0.0, "a finite number >= 0")
-    mode = group["sam_mode"]
-    _check_range("sam_mode", mode, mode in SAM_MODES, " or ".join(repr(m) for m in SAM_MODES))
-    rho = group["rho"]
-    _check_range("rho", rho, rho is None or (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0.0),
-                 "None or a finite number >= 0 (0 gives plain Schedule-Free AdamW)")
-    ab = group["ascent_beta"]
-    _check_range("ascent_beta", ab, ab is None or (isinstance(ab, (int, float)) and 0.0 <= ab < 1.0), "None (= beta1) or 0 <= ascent_beta < 1")
-    fe = group["foreach"]
-    _check_range("foreach", fe, fe is None or isinstance(fe, bool), "None, True or False")
-    fu = group.get("fused")
-    _check_range("fused", fu, fu is None or isinstance(fu, bool), "None, True or False")
-    if fu and fe:
-        raise ValueError("Invalid fused/foreach: fused=True and foreach=True cannot be set together")
-    sd = group.get("state_dtype")
-    _check_range("state_dtype", sd, sd in (None, torch.float32, torch.bfloat16), "None, torch.float32 or torch.bfloat16")
+def _local_values(t: Tensor) -> Tensor:
+    """The values this process holds of ``t`` (a DTensor's local shard, else ``t``)."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
 
 
 class AdamWMSAMScheduleFree(Optimizer):
     r"""Schedule-Free AdamW with a Momentum-SAM ascent (AdamW-MSAM-ScheduleFree).
 
-    Args:
-        params: parameters or param groups (each group may set its own values below).
+    Args (defaults and valid values: :mod:`sharded_msam_sf.hyperparams`):
+        params: parameters or param groups (each group may set its own values below);
+            floating point, each at most once; complex params are refused (v would take
+            ``g·g``, not ``|g|²``: view them as real pairs with ``torch.view_as_real``).
         lr (float): γ, the peak learning rate; no schedule is needed (default 0.0025).
         betas (tuple): (β1, β2): β1 the interpolation weight of y, β2 the second-moment
             decay (default (0.9, 0.999)).
@@ -119,11 +100,12 @@ class AdamWMSAMScheduleFree(Optimizer):
             ``y + ρ·m/||m||`` after folding the first gradient into m).
         foreach (bool or None): use the ``torch._foreach_*`` multi-tensor path
             (None: yes).
-        fused (bool or None): the fused step (``fused_compile.py``: torch.compile'd kernels,
-            one stats pass and one update pass per tensor). None (default): fused for
-            tensors of at least 262144 elements when ``foreach`` is not given and compilation
-            is available (else foreach, with one warning); True: every tensor, an error if
-            compilation is unavailable; False: the ``foreach`` choice.
+        fused (bool or None): the fused step (:mod:`sharded_msam_sf.kernels`: compiled
+            kernels, one stats pass and one update pass per tensor). None (default): fused
+            for tensors of at least 262144 elements when ``foreach`` is not given and
+            compilation is available (else foreach, with one warning); True: every tensor,
+            an error if compilation is unavailable; False: the ``foreach`` choice. A compile
+            failure disables the fused kernels of this optimizer only, on that device type.
         state_dtype (torch.dtype or None): dtype of z, v, m. None: fp32 for bf16/fp16
             params, the param dtype otherwise; ``torch.bfloat16`` halves the optimizer
             memory, with stochastic rounding (see docs/performance.md for its effect).
@@ -141,55 +123,103 @@ class AdamWMSAMScheduleFree(Optimizer):
     def __init__(
         self,
         params,
-        lr: float = 0.0025,
-        betas: Tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        r: float = 0.0,
-        weight_lr_power: float = 2.0,
-        rho: Optional[float] = None,
-        ascent_beta: Optional[float] = None,
-        sam_mode: str = "one_pass",
-        foreach: Optional[bool] = None,
+        lr: float = H.DEFAULTS["lr"],
+        betas: Tuple[float, float] = H.DEFAULTS["betas"],
+        eps: float = H.DEFAULTS["eps"],
+        weight_decay: float = H.DEFAULTS["weight_decay"],
+        warmup_steps: int = H.DEFAULTS["warmup_steps"],
+        r: float = H.DEFAULTS["r"],
+        weight_lr_power: float = H.DEFAULTS["weight_lr_power"],
+        rho: Optional[float] = H.DEFAULTS["rho"],
+        ascent_beta: Optional[float] = H.DEFAULTS["ascent_beta"],
+        sam_mode: str = H.DEFAULTS["sam_mode"],
+        foreach: Optional[bool] = H.DEFAULTS["foreach"],
         *,
         backend: Optional[Backend] = None,
-        fused: Optional[bool] = None,
-        state_dtype: Optional[torch.dtype] = None,
+        fused: Optional[bool] = H.DEFAULTS["fused"],
+        state_dtype: Optional[torch.dtype] = H.DEFAULTS["state_dtype"],
         process_group=None,
         model: Optional[torch.nn.Module] = None,
     ) -> None:
-        defaults = dict(
+        hyper = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
             weight_decay=weight_decay, warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
             rho=rho, ascent_beta=ascent_beta, sam_mode=sam_mode, foreach=foreach,
             fused=fused, state_dtype=state_dtype,
-            # counters and mode (schedulefree's names where they overlap)
-            k=0, train_mode=False, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0,
-            ascent_scale=0.0, at_ascent=False, skipped_steps=0, skip_pending=False,
         )
-        _validate_group(defaults)
+        H.validate(hyper)
+        # counters and mode (schedulefree's names where they overlap)
+        defaults = dict(hyper, **_COUNTERS, **_OPTIONAL_COUNTERS)
         if isinstance(params, Tensor):
             raise TypeError("params must be an iterable of Tensors or dicts, not a single Tensor")
         params = list(params)
+        self._fused_state = K.FusedState()   # this optimizer's compile failures (see kernels)
+        self._validated: Dict[int, tuple] = {}   # id(group) -> the hyperparameters last validated
         super().__init__(params, defaults)
+        self._mode = self.param_groups[0]["sam_mode"]
         if backend is None:
             backend = detect_backend((p for g in self.param_groups for p in g["params"]),
                                      process_group=process_group, model=model)
         self._backend = backend
 
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_fused_state", K.FusedState())
+        self.__dict__.setdefault("_validated", {})
+
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """torch's ``add_param_group``, plus: floating point params only, each once; the
+        hyperparameters validated; one sam_mode for all groups; a group added after
+        ``train()`` joins in train mode (its params have no state yet, so they hold y)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        ps = param_group.get("params")
+        if ps is not None and not isinstance(ps, set):
+            ps = param_group["params"] = [ps] if isinstance(ps, Tensor) else list(ps)
+            if len({id(p) for p in ps}) != len(ps):
+                raise ValueError("optimizer contains a parameter group with duplicate parameters "
+                                 "(each would be updated twice per step): pass each parameter once")
+            for p in ps:
+                if isinstance(p, Tensor) and p.is_complex():
+                    raise ValueError(f"can't optimize a complex Tensor (dtype {p.dtype}): the second moment would "
+                                     "take g·g instead of |g|²; store it as real pairs (torch.view_as_real)")
+                if isinstance(p, Tensor) and not p.is_floating_point():
+                    raise ValueError(f"can't optimize a Tensor of dtype {p.dtype}: AdamWMSAMScheduleFree "
+                                     "needs floating point parameters")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        if isinstance(group["betas"], list):
-            group["betas"] = tuple(group["betas"])
-        _validate_group(group)
-        if group["rho"] is None:
-            group["rho"] = default_rho(group["sam_mode"])
-        modes = {g["sam_mode"] for g in self.param_groups}
-        if len(modes) > 1:
-            raise ValueError(f"Invalid sam_mode: all param groups must use the same sam_mode, got {sorted(modes)}")
+        try:
+            if isinstance(group["betas"], list):
+                group["betas"] = tuple(group["betas"])
+            H.validate(group)
+            group["rho"] = H.resolved_rho(group["rho"], group["sam_mode"])
+            modes = {g["sam_mode"] for g in self.param_groups}
+            if len(modes) > 1:
+                raise ValueError(f"Invalid sam_mode: all param groups must use the same sam_mode, got {sorted(modes)}")
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        if len(self.param_groups) > 1:
+            group["train_mode"] = self.param_groups[0]["train_mode"]
+
+    def _check_groups(self, where: str) -> None:
+        """The hyperparameters again (``param_groups`` may have been edited since construction);
+        a group whose values equal the ones last validated is not checked twice."""
+        for i, group in enumerate(self.param_groups):
+            snapshot = tuple(map(group.get, H.DEFAULTS))
+            if not isinstance(group["lr"], Tensor) and self._validated.get(id(group)) == snapshot:
+                continue
+            try:
+                H.validate(group)
+            except ValueError as e:
+                raise ValueError(f"{e} in param_groups[{i}] (checked by {where})") from None
+            if group["sam_mode"] != self._mode:
+                raise ValueError(f"Invalid sam_mode: param_groups[{i}] has {group['sam_mode']!r} but this optimizer "
+                                 f"runs {self._mode!r}; the mode cannot change after construction (build a new one)")
+            if group["rho"] is None:
+                group["rho"] = default_rho(group["sam_mode"])
+            self._validated[id(group)] = tuple(map(group.get, H.DEFAULTS))
 
     @property
     def backend(self) -> Backend:
@@ -204,6 +234,11 @@ class AdamWMSAMScheduleFree(Optimizer):
         """Steps skipped because a gradient held NaN/inf on some rank."""
         return max((g["skipped_steps"] for g in self.param_groups), default=0)
 
+    @property
+    def v_overflow_steps(self) -> int:
+        """Steps in which a finite gradient's square overflowed, making v inf for those elements."""
+        return max((g.get("v_overflow_steps", 0) for g in self.param_groups), default=0)
+
     @staticmethod
     def _beta_m(group: Dict[str, Any]) -> float:
         return group["betas"][0] if group["ascent_beta"] is None else group["ascent_beta"]
@@ -212,7 +247,7 @@ class AdamWMSAMScheduleFree(Optimizer):
         return True if group["foreach"] is None else group["foreach"]
 
     def _impl(self, group: Dict[str, Any]) -> str:
-        """The step's kernels (``fused_compile.IMPLS``): fused, auto (fused where it pays), foreach, single."""
+        """The group's kernels (``kernels.IMPLS``): fused, auto (fused where it pays), foreach, single."""
         fused = group.get("fused")
         if fused:
             return "fused"
@@ -223,10 +258,19 @@ class AdamWMSAMScheduleFree(Optimizer):
     def _uses_ascent(self, group: Dict[str, Any]) -> bool:
         return group["rho"] > 0.0
 
+    def _ascent_scale(self, group: Dict[str, Any], norm: float) -> float:
+        """``s`` of the next ascent: ``−ρ/||m||`` in one_pass (MSAM looks ahead along −m),
+        ``+ρ/||m||`` in two_pass (SAM climbs the smoothed current gradient); 0 if ||m|| = 0."""
+        sign = -1.0 if group["sam_mode"] == "one_pass" else 1.0
+        return K.ascent_scale(group["rho"], sign, norm)
+
     # ------------------------------------------------------------------ state
     def _init_state(self, p: Tensor, with_m: bool, state_dtype: Optional[torch.dtype] = None) -> Dict[str, Tensor]:
         state = self.state[p]
         if "z" not in state:
+            if p.device.type == "meta":
+                raise RuntimeError("can't step a parameter on the meta device (it holds no data): materialize the "
+                                   "model first (e.g. model.to_empty(device=...) and initialise its weights)")
             dtype = _state_dtype(p, state_dtype)
             state["z"] = p.detach().clone(memory_format=torch.preserve_format).to(dtype)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
@@ -249,12 +293,25 @@ class AdamWMSAMScheduleFree(Optimizer):
     def _shift(self, group: Dict[str, Any], scale: float) -> None:
         """``p ← p + scale·m`` for every param of the group that has a momentum."""
         ps = self._with_m(group)
-        F.add_scaled_(self._loc(ps), self._ms(ps), scale, foreach=self._foreach(group))
+        K.add_scaled_(self._loc(ps), self._ms(ps), scale, impl=self._impl(group))
+
+    def _swap(self, group: Dict[str, Any], weight: float) -> None:
+        """``p ← lerp(p, z, weight)`` for every param of the group that has state."""
+        ps = self._stateful(group)
+        zs = [self._backend.local(self.state[p]["z"]) for p in ps]
+        K.swap_y_x_(self._loc(ps), zs, weight, impl=self._impl(group))
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """torch's loader casts float state to the param dtype; the state of bf16/fp16
-        params is fp32, so it is put back from the saved (fp32) tensors afterwards."""
+        """torch's loader, after checking that ``state_dict`` is this optimizer's, in the same
+        ``sam_mode`` with the same ``rho`` and ``state_dtype``, with valid hyperparameters,
+        complete finite state of the params' shapes (a ``ValueError`` naming what differs
+        otherwise). Then the state of bf16/fp16 params is put back in its own dtype from the
+        saved tensors (torch's loader casts float state to the param dtype)."""
+        self._check_loadable(state_dict)
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key, default in _OPTIONAL_COUNTERS.items():
+                group.setdefault(key, default)
         saved = state_dict["state"]
         ids = (pid for g in state_dict["param_groups"] for pid in g["params"])
         params = ((p, g.get("state_dtype")) for g in self.param_groups for p in g["params"])
@@ -266,6 +323,67 @@ class AdamWMSAMScheduleFree(Optimizer):
                 if isinstance(value, Tensor):
                     self.state[p][key] = value.to(device=p.device, dtype=_state_dtype(p, sdt), copy=True)
 
+    def _check_loadable(self, sd: Any) -> None:
+        where = "loaded state dict"
+        if not isinstance(sd, dict):
+            raise TypeError(f"{where}: expected a dict, got {type(sd).__name__}")
+        for key in ("state", "param_groups"):
+            if key not in sd:
+                raise ValueError(f"{where} is missing the key {key!r} (found {sorted(sd)})")
+        groups, state = sd["param_groups"], sd["state"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"{where} has a different number of parameter groups ({len(groups)}, "
+                             f"this optimizer has {len(self.param_groups)})")
+        required = tuple(H.DEFAULTS) + tuple(_COUNTERS)
+        for i, (g, sg) in enumerate(zip(self.param_groups, groups)):
+            missing = [k for k in required if k not in sg]
+            if missing:
+                hint = (" (it looks like torch.optim.AdamW's)" if "amsgrad" in sg else
+                        " (it looks like schedulefree's)" if "weight_sum" in sg and "sam_mode" not in sg else "")
+                raise ValueError(f"{where}: param_groups[{i}] lacks {missing}: not a state dict of "
+                                 f"AdamWMSAMScheduleFree{hint}")
+            try:
+                H.validate(sg)
+            except ValueError as e:
+                raise ValueError(f"{where}: param_groups[{i}]: {e}") from None
+            if sg["sam_mode"] != g["sam_mode"]:
+                raise ValueError(f"{where}: param_groups[{i}] has sam_mode={sg['sam_mode']!r} but this optimizer "
+                                 f"runs sam_mode={g['sam_mode']!r}; build it with sam_mode={sg['sam_mode']!r} to "
+                                 "resume (the mode is not switched silently)")
+            rho = H.resolved_rho(sg["rho"], sg["sam_mode"])
+            if rho != g["rho"]:
+                raise ValueError(f"{where}: param_groups[{i}] has rho={rho} but this optimizer has rho={g['rho']}; "
+                                 f"build it with rho={rho} to resume")
+            if sg["state_dtype"] != g["state_dtype"]:
+                raise ValueError(f"{where}: param_groups[{i}] has state_dtype={sg['state_dtype']} but this optimizer "
+                                 f"has state_dtype={g['state_dtype']}; build it with the saved state_dtype")
+            for key in ("weight_sum", "lr_max", "ascent_scale"):
+                if not (isinstance(sg[key], (int, float)) and math.isfinite(sg[key])):
+                    raise ValueError(f"{where}: param_groups[{i}][{key!r}] is {sg[key]!r}, not a finite number")
+            if len(sg["params"]) != len(g["params"]):
+                continue  # torch's loader names this mismatch
+            need = ("z", "exp_avg_sq") + (("exp_avg",) if sg["sam_mode"] == "one_pass" and rho > 0 else ())
+            for pid, p in zip(sg["params"], g["params"]):
+                st = state.get(pid)
+                if st is None:
+                    continue
+                lacking = [k for k in need if k not in st]
+                if lacking:
+                    raise ValueError(f"{where}: the state of param {pid} (param_groups[{i}]) lacks {lacking} "
+                                     f"(has {sorted(st)}): not a state of AdamWMSAMScheduleFree in {sg['sam_mode']}")
+                for key in _STATE_KEYS:
+                    if key not in st:
+                        continue
+                    v = st[key]
+                    if not isinstance(v, Tensor):
+                        raise ValueError(f"{where}: state {key!r} of param {pid} is a {type(v).__name__}, not a Tensor")
+                    if tuple(v.shape) != tuple(p.shape):
+                        raise ValueError(f"{where}: state {key!r} of param {pid} (param_groups[{i}]) has shape "
+                                         f"{tuple(v.shape)} but the param has shape {tuple(p.shape)}")
+                    local = _local_values(v)
+                    if local.numel() and not bool(torch.isfinite(local).all()):
+                        raise ValueError(f"{where}: state {key!r} of param {pid} (param_groups[{i}]) holds NaN/inf")
+
     # ------------------------------------------------------------------ modes
     def _require_train(self, call: str) -> None:
         if not all(g["train_mode"] for g in self.param_groups):
@@ -274,7 +392,8 @@ class AdamWMSAMScheduleFree(Optimizer):
 
     @torch.no_grad()
     def eval(self) -> None:
-        """Remove the ascent and move the params to the averaged x (``y → x``)."""
+        """Remove the ascent and move the params to the averaged x (``y → x``). In two_pass,
+        an ascent taken by ``move_to_ascent()`` is abandoned: the next ``step()`` needs a new one."""
         changed = False
         for group in self.param_groups:
             if not group["train_mode"]:
@@ -282,11 +401,11 @@ class AdamWMSAMScheduleFree(Optimizer):
             if group["at_ascent"]:
                 self._shift(group, -group["ascent_scale"])
                 group["at_ascent"] = False
-                if group["sam_mode"] == "two_pass":
-                    group["ascent_scale"] = 0.0
-            ps = self._stateful(group)
-            zs = [self._backend.local(self.state[p]["z"]) for p in ps]
-            F.swap_y_x_(self._loc(ps), zs, 1.0 - 1.0 / group["betas"][0], foreach=self._foreach(group))
+            if group["sam_mode"] == "two_pass":
+                group["ascent_scale"] = 0.0
+                group["ascent_taken"] = False
+                group["skip_pending"] = False
+            self._swap(group, 1.0 - 1.0 / group["betas"][0])
             group["train_mode"] = False
             changed = True
         if changed:
@@ -299,9 +418,7 @@ class AdamWMSAMScheduleFree(Optimizer):
         for group in self.param_groups:
             if group["train_mode"]:
                 continue
-            ps = self._stateful(group)
-            zs = [self._backend.local(self.state[p]["z"]) for p in ps]
-            F.swap_y_x_(self._loc(ps), zs, 1.0 - group["betas"][0], foreach=self._foreach(group))
+            self._swap(group, 1.0 - group["betas"][0])
             if group["sam_mode"] == "one_pass" and group["k"] > 0:
                 self._shift(group, group["ascent_scale"])
                 group["at_ascent"] = True
@@ -319,20 +436,21 @@ class AdamWMSAMScheduleFree(Optimizer):
         the params to ``ỹ = y + ρ·m/||m||``. One-pass mode: the params already sit at
         the ascent point; this only checks that a gradient was taken there."""
         self._require_train("move_to_ascent()")
+        self._check_groups("move_to_ascent()")
         if not self._has_grads():
             raise RuntimeError("move_to_ascent() needs the gradients of a first backward pass: "
                                "call loss.backward() (engine.backward(loss) under DeepSpeed) first")
         if self.sam_mode == "one_pass":
             return
-        if any(g["at_ascent"] for g in self.param_groups):
+        if any(g["at_ascent"] or g["ascent_taken"] for g in self.param_groups):
             raise RuntimeError("move_to_ascent() was called twice: after it, run the second backward pass, "
                                "then call move_from_ascent() and step()")
         stats, parts = self._collect_stats(fold=True)
         self._backend.all_reduce_(stats)
-        skip = bool(stats[-1].item() > 0)
-        norm = self._norm(stats)
+        norm, skip, _ = self._read(stats)   # (v takes the second gradient: its overflow is step()'s)
         for gi, group in enumerate(self.param_groups):
             group["at_ascent"] = True
+            group["ascent_taken"] = True
             group["ascent_scale"] = 0.0
             if skip:
                 group["skip_pending"] = True
@@ -340,10 +458,9 @@ class AdamWMSAMScheduleFree(Optimizer):
             if not self._uses_ascent(group):
                 continue
             active, _inactive = parts[gi]
-            ms = self._ms(active)
-            K.fold_momentum_(ms, self._loc(p.grad for p in active), self._beta_m(group), impl=self._impl(group),
-                             step=group["k"])
-            group["ascent_scale"] = F.ascent_scale(group["rho"], group.get("_ascent_sign", 1.0), norm)
+            K.fold_momentum_(self._ms(active), self._loc(p.grad for p in active), self._beta_m(group),
+                             impl=self._impl(group), step=group["k"])
+            group["ascent_scale"] = self._ascent_scale(group, norm)
         if skip:
             self._warn_skip("move_to_ascent()")
         self._backend.clear_grads(self)
@@ -372,50 +489,69 @@ class AdamWMSAMScheduleFree(Optimizer):
         """(params with a gradient — state created —, params with momentum but no gradient)."""
         active = [p for p in group["params"] if p.grad is not None]
         for p in active:
+            if p.grad.is_sparse:
+                raise RuntimeError("AdamWMSAMScheduleFree does not support sparse gradients")
             self._init_state(p, with_m, group.get("state_dtype"))
         ids = {id(p) for p in active}
         inactive = [p for p in self._with_m(group) if id(p) not in ids] if with_m else []
         return active, inactive
 
     def _collect_stats(self, fold: bool) -> Tuple[Tensor, List[Tuple[List[Tensor], List[Tensor]]]]:
-        """One float64 tensor ``[sumsq_0, …, sumsq_{G−1}, nonfinite]`` and each group's params.
+        """One float64 tensor ``[sumsq_0, …, sumsq_{G−1}, flag]`` and each group's params.
 
         ``fold``: ``sumsq_i`` is of the momentum after folding in the current gradient;
-        otherwise only the non-finite flag is computed."""
+        otherwise only the gradient flags are computed. ``flag`` carries both gradient flags
+        in one scalar (:func:`sharded_msam_sf.kernels.rules.encode_flags`: inf if some gradient
+        is NaN/inf, else > 0 if some finite g² overflowed), so the stats stay G + 1 values."""
         rows, parts = [], []
         for group in self.param_groups:
             with_m = fold and self._uses_ascent(group)
             active, inactive = self._active(group, with_m)
             parts.append((active, inactive))
             grads = self._loc(p.grad for p in active)
-            row = K.ascent_stats(self._ms(active) if with_m else [], grads,
-                                 beta_m=self._beta_m(group), impl=self._impl(group))
+            impl, st = self._impl(group), self._fused_state
+            row = K.ascent_stats(self._ms(active) if with_m else [], grads, beta_m=self._beta_m(group), impl=impl,
+                                 state=st)
             if inactive:
-                row = row + K.ascent_stats(self._ms(inactive), [], beta_m=None, impl=self._impl(group))
+                row = row + K.ascent_stats(self._ms(inactive), [], beta_m=None, impl=impl, state=st)
             rows.append(row)
         if not rows:
             return torch.zeros(1, dtype=torch.float64), parts
         stacked = torch.stack(rows)
-        stats = torch.cat([stacked[:, 0], stacked[:, 1].amax().reshape(1)])
+        stats = torch.cat([stacked[:, 0], encode_flags(stacked[:, 1:].amax(0)).reshape(1)])
         return stats, parts
+
+    def _read(self, stats: Tensor) -> Tuple[float, bool, bool]:
+        """(the global ||m|| over the groups with rho > 0, nonfinite, v_overflow) from the
+        reduced stats, with one device-to-host copy."""
+        values = stats.tolist()
+        sumsq = sum(values[i] for i, g in enumerate(self.param_groups) if self._uses_ascent(g))
+        norm = math.sqrt(sumsq) if sumsq > 0.0 else 0.0
+        return (norm,) + decode_flag(values[-1])
 
     def _norm(self, stats: Tensor) -> float:
         """The global ||m|| over the groups with rho > 0, from the reduced stats."""
-        sumsq = sum(float(stats[i]) for i, g in enumerate(self.param_groups) if self._uses_ascent(g))
-        return math.sqrt(sumsq) if sumsq > 0.0 else 0.0
+        return self._read(stats)[0]
 
     def _warn_skip(self, where: str) -> None:
         warnings.warn(f"AdamWMSAMScheduleFree: non-finite gradient (NaN/inf) on some rank in {where}; "
                       f"the step is skipped on every rank and the optimizer state is unchanged "
                       f"(skipped so far: {self.skipped_steps})", RuntimeWarning, stacklevel=3)
 
+    def _note_v_overflow(self) -> None:
+        for group in self.param_groups:
+            group["v_overflow_steps"] = group.get("v_overflow_steps", 0) + 1
+        warnings.warn("AdamWMSAMScheduleFree: a finite gradient's square overflowed in step(), so v = inf for "
+                      "those elements and their update g/(sqrt(v)+eps) is 0 from now on (they stop moving); "
+                      "scale the loss down or clip the gradients "
+                      f"(steps with an overflow so far: {self.v_overflow_steps})", RuntimeWarning, stacklevel=3)
+
     @staticmethod
     def _schedule(group: Dict[str, Any]) -> Tuple[float, float, float]:
         """(γ_t, c_t, bc2) for the group's next step; updates lr_max, weight_sum, scheduled_lr."""
         k, warmup = group["k"], group["warmup_steps"]
         sched = (k + 1) / warmup if k < warmup else 1.0
-        lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
-        lr = lr * sched
+        lr = _scalar(group["lr"]) * sched
         beta2 = group["betas"][1]
         bias_correction2 = 1.0 - beta2 ** (k + 1)
         group["scheduled_lr"] = lr
@@ -428,14 +564,13 @@ class AdamWMSAMScheduleFree(Optimizer):
     def _is_state_init_call(self) -> bool:
         """torch.distributed.checkpoint initialises an empty state by a step() with zero
         grads and lr = 0: that call creates the state and must not count as a step."""
-        def lr0(g):
-            lr = g["lr"]
-            return float(lr.item() if isinstance(lr, Tensor) else lr) == 0.0
-        return not self.state and bool(self.param_groups) and all(lr0(g) for g in self.param_groups)
+        return (not self.state and bool(self.param_groups)
+                and all(_scalar(g["lr"]) == 0.0 for g in self.param_groups))
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """One optimizer step (see the class table for what it does in each mode)."""
+        self._check_groups("step()")
         init_call = self._is_state_init_call()  # allowed in eval mode: DCP loads into a fresh optimizer
         if not init_call:
             self._require_train("step()")
@@ -457,22 +592,23 @@ class AdamWMSAMScheduleFree(Optimizer):
     def _step_one_pass(self) -> None:
         stats, parts = self._collect_stats(fold=True)
         self._backend.all_reduce_(stats)
-        if stats[-1].item() > 0:
+        norm, nonfinite, v_overflow = self._read(stats)
+        if nonfinite:
             for group in self.param_groups:
                 group["skipped_steps"] += 1
             self._warn_skip("step()")
             return
-        norm = self._norm(stats)
+        if v_overflow:
+            self._note_v_overflow()
         for gi, group in enumerate(self.param_groups):
             active, inactive = parts[gi]
             uses = self._uses_ascent(group)
             remove = group["ascent_scale"] if group["at_ascent"] else 0.0
-            apply = F.ascent_scale(group["rho"], -group.get("_ascent_sign", 1.0), norm) if uses else 0.0
-            fe = self._foreach(group)
+            apply = self._ascent_scale(group, norm) if uses else 0.0
             if inactive:
-                ps, ms = self._loc(inactive), self._ms(inactive)
-                F.add_scaled_(ps, ms, -remove, foreach=fe)
-                F.add_scaled_(ps, ms, apply, foreach=fe)
+                ps, ms, impl = self._loc(inactive), self._ms(inactive), self._impl(group)
+                K.add_scaled_(ps, ms, -remove, impl=impl)
+                K.add_scaled_(ps, ms, apply, impl=impl)
             lr, ckp1, bc2 = self._schedule(group)
             self._update(group, active, lr=lr, ckp1=ckp1, bc2=bc2, with_m=uses,
                          beta_m=self._beta_m(group), remove=remove, apply=apply)
@@ -481,21 +617,30 @@ class AdamWMSAMScheduleFree(Optimizer):
             group["at_ascent"] = True
 
     def _step_two_pass(self) -> None:
+        if any(self._uses_ascent(g) for g in self.param_groups) and not any(g["ascent_taken"]
+                                                                            for g in self.param_groups):
+            raise RuntimeError("step() in two_pass mode without move_to_ascent() since the last step: after the "
+                               "first backward pass call optimizer.move_to_ascent(), run the second backward pass, "
+                               "then move_from_ascent() and step() (sam_mode='one_pass' takes one gradient per step)")
         for group in self.param_groups:  # the seed's loop calls move_from_ascent(); be forgiving
             if group["at_ascent"]:
                 self._shift(group, -group["ascent_scale"])
                 group["at_ascent"] = False
         stats, parts = self._collect_stats(fold=False)
         self._backend.all_reduce_(stats)
+        _, nonfinite, v_overflow = self._read(stats)
         pending = any(g["skip_pending"] for g in self.param_groups)
         for group in self.param_groups:
             group["ascent_scale"] = 0.0
             group["skip_pending"] = False
-        if stats[-1].item() > 0 or pending:
+            group["ascent_taken"] = False
+        if nonfinite or pending:
             for group in self.param_groups:
                 group["skipped_steps"] += 1
             self._warn_skip("step()")
             return
+        if v_overflow:
+            self._note_v_overflow()
         for gi, group in enumerate(self.param_groups):
             active, _ = parts[gi]
             lr, ckp1, bc2 = self._schedule(group)
@@ -513,5 +658,5 @@ class AdamWMSAMScheduleFree(Optimizer):
             self._ms(active) if with_m else None,
             lr=lr, beta1=b1, beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"], ckp1=ckp1,
             bias_correction2=bc2, beta_m=beta_m if with_m else None, remove_scale=remove,
-            apply_scale=apply, impl=self._impl(group), step=group["k"],
+            apply_scale=apply, impl=self._impl(group), step=group["k"], state=self._fused_state,
         )

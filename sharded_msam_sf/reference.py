@@ -11,12 +11,12 @@ only a view for the model: it is *written* from x, y, z, m, never read back
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import Tensor
 
-from .optimizer import default_rho
+from . import hyperparams as H
 
 __all__ = ["AdamWMSAMScheduleFreeReference"]
 
@@ -24,22 +24,25 @@ __all__ = ["AdamWMSAMScheduleFreeReference"]
 class AdamWMSAMScheduleFreeReference:
     """Reference AdamW-MSAM-ScheduleFree. Single process; params as a list or as groups."""
 
-    def __init__(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0,
-                 r=0.0, weight_lr_power=2.0, rho=None, ascent_beta=None, sam_mode="one_pass") -> None:
+    def __init__(self, params, lr=H.DEFAULTS["lr"], betas=H.DEFAULTS["betas"], eps=H.DEFAULTS["eps"],
+                 weight_decay=H.DEFAULTS["weight_decay"], warmup_steps=H.DEFAULTS["warmup_steps"], r=H.DEFAULTS["r"],
+                 weight_lr_power=H.DEFAULTS["weight_lr_power"], rho=H.DEFAULTS["rho"],
+                 ascent_beta=H.DEFAULTS["ascent_beta"], sam_mode=H.DEFAULTS["sam_mode"]) -> None:
         params = list(params)
         if params and not isinstance(params[0], dict):
             params = [{"params": params}]
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
                         weight_lr_power=weight_lr_power, rho=rho, ascent_beta=ascent_beta)
+        H.validate(dict(defaults, sam_mode=sam_mode))
         self.sam_mode = sam_mode
         self.groups: List[Dict] = []
         for g in params:
             group = {**defaults, **g, "params": list(g["params"])}
-            if group["rho"] is None:
-                group["rho"] = default_rho(sam_mode)
+            H.validate(group)
+            group["rho"] = H.resolved_rho(group["rho"], sam_mode)
             if group["ascent_beta"] is None:
                 group["ascent_beta"] = group["betas"][0]
-            group.update(k=0, lr_max=-1.0, weight_sum=0.0, sign=g.get("_ascent_sign", 1.0))
+            group.update(k=0, lr_max=-1.0, weight_sum=0.0)
             self.groups.append(group)
         self.state: Dict[Tensor, Dict[str, Tensor]] = {}
         self.s: List[float] = [0.0] * len(self.groups)   # the ascent scale applied per group
@@ -81,7 +84,7 @@ class AdamWMSAMScheduleFreeReference:
 
     def _set_scales(self, sign_of_mode: float) -> None:
         norm = self._norm_m()
-        self.s = [(g["sign"] * sign_of_mode * g["rho"] / norm) if norm > 0 and g["rho"] > 0 else 0.0
+        self.s = [(sign_of_mode * g["rho"] / norm) if norm > 0 and g["rho"] > 0 else 0.0
                   for g in self.groups]
 
     # the API ---------------------------------------------------------------

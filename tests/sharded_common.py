@@ -179,11 +179,11 @@ def reference_run(engine: str, wrapped: nn.Module, ref: nn.Module, *, mode: str,
 
 def global_norm(opt) -> float:
     """||m|| over every group with rho > 0, through the optimizer's own back end."""
-    from sharded_msam_sf import functional as F
+    from sharded_msam_sf import kernels as F
     rows = []
     for g in opt.param_groups:
         ps = opt._with_m(g)
-        rows.append(F.ascent_stats(opt._ms(ps), [], beta_m=None, foreach=True))
+        rows.append(F.ascent_stats(opt._ms(ps), [], beta_m=None, impl="foreach"))
     stats = torch.cat([torch.stack(rows)[:, 0], torch.zeros(1, dtype=torch.float64)])
     opt.backend.all_reduce_(stats)
     return math.sqrt(float(stats[:-1].sum()))

@@ -66,3 +66,21 @@ def test_fused_and_state_dtype_reach_the_optimizer():
     assert opt.state[p]["z"].dtype == torch.bfloat16
     assert optimizer_kwargs_from_config({"type": "AdamWMSAMScheduleFree",
                                          "params": {"state_dtype": None}}) == {"state_dtype": None}
+
+
+@pytest.mark.parametrize("params, key", [
+    ({"eps": float("inf")}, "optimizer.params.eps: invalid value"),
+    ({"lr": True}, "optimizer.params.lr: invalid value"),
+    ({"rho": True}, "optimizer.params.rho: invalid value"),
+    ({"betas": [0.9, False]}, "optimizer.params.betas: invalid value"),
+    ({"weight_decay": True}, "optimizer.params.weight_decay: invalid value"),
+    ({"fused": True, "foreach": True}, "optimizer.params: Invalid fused/foreach"),
+])
+def test_config_uses_the_optimizers_validator(params, key):
+    """The schema calls hyperparams.check/validate: what the optimizer refuses, the config refuses."""
+    with pytest.raises(ConfigError) as err:
+        optimizer_kwargs_from_config({"type": "AdamWMSAMScheduleFree", "params": params})
+    assert str(err.value).startswith(key), str(err.value)
+    with pytest.raises(ValueError, match="Invalid"):
+        AdamWMSAMScheduleFree([torch.nn.Parameter(torch.zeros(3))], **{k: tuple(v) if isinstance(v, list) else v
+                                                                     for k, v in params.items()})

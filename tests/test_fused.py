@@ -1,11 +1,12 @@
 """The fused (torch.compile'd) step follows the same trajectory as the foreach and
 single-tensor paths and the x/y/z reference: both modes, weight decay, warm-up, two
 groups, params without gradients, an eval/train switch, NaN skips, bf16 params, rho=0
-against schedulefree; plus the dispatch rules (auto threshold, fallback, no recompiles).
+against schedulefree; plus the dispatch rules (auto threshold, per-optimizer fallback, no
+re-run after a kernel wrote, no recompiles).
 
 Compilation is the cost here: every test uses fp32 (or bf16) tensors of a few sizes,
 so the kernels compile once per dtype combination and are reused (dynamic shapes,
-hyperparameters passed as symbolic floats). Inductor also caches them on disk.
+hyperparameters in one float64 tensor, kernels/scalars.py). Inductor also caches them on disk.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 
 from sharded_msam_sf import AdamWMSAMScheduleFree, AdamWMSAMScheduleFreeReference
-from sharded_msam_sf import fused_compile as K
+from sharded_msam_sf import kernels as K
+from sharded_msam_sf.kernels import compiled as C
 
 from .models import batch, decay_groups, flat, mse, one_step, tiny_mlp
 
@@ -142,34 +144,82 @@ def test_no_recompiles_over_steps():
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def _broken_kernel(name):
+    """A kernel whose compilation fails (the exception class Inductor raises)."""
+    def fn(*a, **k):
+        raise torch._inductor.exc.InductorError(RuntimeError("no compiler here"), None)
+    return fn
+
+
+def _train3(opt_kwargs, x=None, y=None):
+    model = tiny_mlp(sizes=SIZES)
+    opt = AdamWMSAMScheduleFree(decay_groups(model), **opt_kwargs, **HP)
+    opt.train()
+    x, y = batch(d_in=SIZES[0], d_out=SIZES[-1])
+    for _ in range(3):
+        one_step(model, opt, x, y)
+    return model, opt
+
+
 def test_compile_failure_falls_back_once(monkeypatch):
     """auto: a failing compiler gives one warning and the foreach trajectory; fused=True raises."""
-    def broken(name):
-        def fn(*a, **k):
-            raise RuntimeError("no compiler here")
-        return fn
-    monkeypatch.setattr(K, "_kernel", broken)
-    monkeypatch.setattr(K, "_state", {"failed": None, "warned": False, "calls": 0, "triton_calls": 0})
+    monkeypatch.setattr(C, "_kernel", _broken_kernel)
     monkeypatch.setattr(K, "AUTO_MIN_NUMEL", 1)
     with pytest.raises(RuntimeError, match="fused=True"):
         run(lambda g: AdamWMSAMScheduleFree(g, fused=True, **HP), "one_pass", steps=2)
-    monkeypatch.setattr(K, "_state", {"failed": None, "warned": False, "calls": 0, "triton_calls": 0})
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        model = tiny_mlp(sizes=SIZES)
-        opt = AdamWMSAMScheduleFree(decay_groups(model), **HP)
-        opt.train()
-        x, y = batch(d_in=SIZES[0], d_out=SIZES[-1])
-        for _ in range(3):
-            one_step(model, opt, x, y)
+        model, opt = _train3({})
     fallback = [w for w in rec if "fused step is unavailable" in str(w.message)]
     assert len(fallback) == 1
-    model2 = tiny_mlp(sizes=SIZES)
-    opt2 = AdamWMSAMScheduleFree(decay_groups(model2), foreach=True, **HP)
-    opt2.train()
-    for _ in range(3):
-        one_step(model2, opt2, x, y)
+    assert "cpu" in opt._fused_state.failed
+    model2, _ = _train3({"foreach": True})
     assert torch.equal(flat(model), flat(model2))
+
+
+def test_compile_failure_disables_only_that_optimizer(monkeypatch):
+    """The failure is recorded in the optimizer that hit it: another one still compiles."""
+    monkeypatch.setattr(K, "AUTO_MIN_NUMEL", 1)
+    with monkeypatch.context() as m:
+        m.setattr(C, "_kernel", _broken_kernel)
+        with pytest.warns(RuntimeWarning, match="fused step is unavailable"):
+            _, failed = _train3({})
+    before = calls()
+    _, healthy = _train3({})
+    assert calls() > before, "the second optimizer did not use the fused kernels"
+    assert not healthy._fused_state.failed and "cpu" in failed._fused_state.failed
+    before = calls()
+    model = tiny_mlp(sizes=SIZES)
+    opt = AdamWMSAMScheduleFree(decay_groups(model), **HP)
+    opt._fused_state = failed._fused_state   # the failed optimizer's record: it stays on foreach
+    opt.train()
+    one_step(model, opt, *batch(d_in=SIZES[0], d_out=SIZES[-1]))
+    assert calls() == before
+
+
+def test_update_kernel_error_while_running_is_not_rerun(monkeypatch):
+    """An error that is not a compile failure, from a kernel that writes its tensors, is
+    raised with a message saying so: the step is never re-run eagerly on half-written state."""
+    def writes_then_fails(name):
+        real = C._RAW[name]
+
+        def fn(*args):
+            if name in C.WRITES:
+                args[0].add_(1.0)   # p is written
+                raise ValueError("device lost")
+            return real(*args)
+        return fn
+    monkeypatch.setattr(C, "_kernel", writes_then_fails)
+    monkeypatch.setattr(K, "AUTO_MIN_NUMEL", 1)
+    model = tiny_mlp(sizes=SIZES)
+    opt = AdamWMSAMScheduleFree(decay_groups(model), **HP)
+    opt.train()
+    x, y = batch(d_in=SIZES[0], d_out=SIZES[-1])
+    mse(model, x, y).backward()
+    with pytest.raises(RuntimeError, match="may be partly written, so the step is not re-run") as err:
+        opt.step()
+    assert isinstance(err.value.__cause__, ValueError)
+    assert opt.param_groups[0]["k"] == 0
 
 
 def test_fused_and_foreach_together_is_an_error():
@@ -194,19 +244,14 @@ def test_noncontiguous_param_goes_eager():
 
 def test_missing_toolchain(monkeypatch):
     """No C++ compiler (simulated): fused=True says so, the default warns once and uses foreach."""
-    monkeypatch.setattr(K, "_reasons", {"cpu": "no C++ compiler (simulated)"})
-    monkeypatch.setattr(K, "_state", {"failed": None, "warned": False, "calls": 0, "triton_calls": 0})
+    monkeypatch.setattr(C, "_reasons", {"cpu": "no C++ compiler (simulated)"})
+    monkeypatch.setattr(C, "_counters", {"calls": 0, "triton_calls": 0})
     monkeypatch.setattr(K, "AUTO_MIN_NUMEL", 1)
     assert not K.compile_available("cpu")
     with pytest.raises(RuntimeError, match="no C.. compiler"):
         run(lambda g: AdamWMSAMScheduleFree(g, fused=True, **HP), "one_pass", steps=1)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        model = tiny_mlp(sizes=SIZES)
-        opt = AdamWMSAMScheduleFree(decay_groups(model), **HP)
-        opt.train()
-        x, y = batch(d_in=SIZES[0], d_out=SIZES[-1])
-        for _ in range(2):
-            one_step(model, opt, x, y)
+        _train3({})
     assert len([w for w in rec if "no C++ compiler (simulated)" in str(w.message)]) == 1
     assert K.compile_counters()["calls"] == 0

@@ -8,14 +8,14 @@ import json
 
 import pytest
 
-from sharded_msam_sf import fused_compile as K
+from sharded_msam_sf import kernels as K
 from tests.harness import run_ranks
 
 pytestmark = pytest.mark.skipif(not K.compile_available("cpu"), reason="torch.compile unavailable on CPU")
 
 
 def _fsdp_ranks(rank, world_size):
-    from sharded_msam_sf import fused_compile as K
+    from sharded_msam_sf import kernels as K
     from tests import sharded_common as C
     for engine, mode in (("fsdp2", "one_pass"), ("fsdp2", "two_pass"), ("fsdp1_flat", "one_pass")):
         if True:
@@ -30,7 +30,7 @@ def test_fused_fsdp2_fsdp1_equal_single_process():
 
 
 def _ds_ranks(rank, world, out_path):
-    from sharded_msam_sf import fused_compile as K
+    from sharded_msam_sf import kernels as K
     from tests import ds_scenarios as S
     refs = {m: S.reference_run(4, m, switch_at=2) for m in ("one_pass", "two_pass")}  # foreach control
     K.AUTO_MIN_NUMEL = 1   # the default (fused=None) now compiles every partition of the tiny model

@@ -225,3 +225,59 @@ def test_bf16_params_follow_fp32_within_bf16_precision(mode):
         opt.eval()
         runs.append(flat(model).float())
     assert (runs[0] - runs[1]).abs().max().item() < 0.05
+
+
+def test_two_pass_step_without_move_to_ascent_raises():
+    """A second backward was never taken: the step says what to call, and changes nothing."""
+    model, opt, x, y = _trained("two_pass", steps=2)
+    before = flat(model)
+    mse(model, x, y).backward()
+    with pytest.raises(RuntimeError, match=r"step\(\) in two_pass mode without move_to_ascent\(\).*"
+                                           r"call optimizer.move_to_ascent\(\)"):
+        opt.step()
+    assert torch.equal(flat(model), before) and opt.param_groups[0]["k"] == 2
+    opt.move_to_ascent()  # the documented order then works
+    mse(model, x, y).backward()
+    opt.move_from_ascent()
+    opt.step()
+    assert opt.param_groups[0]["k"] == 3
+
+
+def test_two_pass_rho0_steps_without_ascent():
+    """With rho = 0 everywhere there is no ascent to take: plain Schedule-Free steps are fine."""
+    model, opt, x, y = _trained("two_pass", steps=2, rho=0.0)
+    mse(model, x, y).backward()
+    opt.step()
+    assert opt.param_groups[0]["k"] == 3
+
+
+def test_move_to_ascent_again_after_move_from_ascent_raises():
+    model, opt, x, y = _trained("two_pass", steps=1)
+    mse(model, x, y).backward()
+    opt.move_to_ascent()
+    mse(model, x, y).backward()
+    opt.move_from_ascent()
+    with pytest.raises(RuntimeError, match=r"move_to_ascent\(\) was called twice"):
+        opt.move_to_ascent()
+
+
+def test_eval_between_move_to_ascent_and_step_abandons_the_ascent():
+    """Defined behaviour: eval() removes the ascent and moves to x; after train() the params
+    are at y again, the second-pass gradient is not used, and step() needs a new
+    move_to_ascent() (m keeps the first gradient it folded in)."""
+    model, opt, x, y = _trained("two_pass")
+    y_before = flat(model)
+    m_before = opt.state[list(model.parameters())[0]]["exp_avg"].clone()
+    mse(model, x, y).backward()
+    opt.move_to_ascent()
+    mse(model, x, y).backward()
+    opt.eval()
+    assert not opt.param_groups[0]["at_ascent"] and not opt.param_groups[0]["ascent_taken"]
+    opt.train()
+    assert torch.allclose(flat(model), y_before, rtol=0, atol=1e-6)
+    assert not torch.equal(opt.state[list(model.parameters())[0]]["exp_avg"], m_before)  # g0 was folded
+    with pytest.raises(RuntimeError, match=r"without move_to_ascent\(\)"):
+        opt.step()
+    opt.zero_grad()
+    one_step(model, opt, x, y, "two_pass")
+    assert opt.param_groups[0]["k"] == 6

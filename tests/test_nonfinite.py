@@ -86,9 +86,33 @@ def test_two_pass_nonfinite_first_gradient_skips_ascent_and_step():
 
 
 def test_large_finite_gradients_are_not_flagged():
+    """1e30 is finite: the step runs (no skip). Its square overflows fp32, so v becomes inf
+    for those elements: a warning, counted in v_overflow_steps."""
     model, opt, x, y = _setup("one_pass")
     mse(model, x, y).backward()
     for p in model.parameters():
-        p.grad.fill_(1e30)  # its square overflows fp32; the flag must not
-    opt.step()
+        p.grad.fill_(1e30)  # its square overflows fp32; the skip flag must not fire
+    with pytest.warns(RuntimeWarning, match=r"a finite gradient's square overflowed .* v = inf .* so far: 1\)"):
+        opt.step()
     assert opt.skipped_steps == 0 and opt.param_groups[0]["k"] == 4
+    assert opt.v_overflow_steps == 1
+    assert any(torch.isinf(st["exp_avg_sq"]).any() for st in opt.state.values())
+
+
+@pytest.mark.parametrize("mode", ["one_pass", "two_pass"])
+def test_v_overflow_is_counted_and_saved(mode):
+    model, opt, x, y = _setup(mode)
+    for _ in range(2):
+        mse(model, x, y).backward()
+        if mode == "two_pass":
+            opt.move_to_ascent()
+            mse(model, x, y).backward()
+            opt.move_from_ascent()
+        list(model.parameters())[0].grad[0, 0] = 3e19   # (3e19)² > 3.4e38
+        with pytest.warns(RuntimeWarning, match="overflowed"):
+            opt.step()
+        opt.zero_grad()
+    assert opt.v_overflow_steps == 2 and opt.skipped_steps == 0
+    assert opt.state_dict()["param_groups"][0]["v_overflow_steps"] == 2
+    one_step(model, opt, x, y, mode)   # a normal step: no warning, the count stays
+    assert opt.v_overflow_steps == 2

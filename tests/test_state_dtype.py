@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from sharded_msam_sf import AdamWMSAMScheduleFree
-from sharded_msam_sf import fused_compile as K
-from sharded_msam_sf.stochastic_rounding import random_bits, round_to, stochastic_round_bf16
+from sharded_msam_sf import kernels as K
+from sharded_msam_sf.kernels.bf16_state import random_bits, round_to, stochastic_round_bf16
 
 from . import models
 from .models import batch, decay_groups, flat, mse, one_step, tiny_mlp

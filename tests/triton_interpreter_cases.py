@@ -10,8 +10,9 @@ import torch
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_fused_triton.py"
 
 from sharded_msam_sf import AdamWMSAMScheduleFree, AdamWMSAMScheduleFreeReference  # noqa: E402
-from sharded_msam_sf import fused_compile as K  # noqa: E402
-from sharded_msam_sf import triton_kernels as TK  # noqa: E402
+from sharded_msam_sf import kernels as K  # noqa: E402
+from sharded_msam_sf.kernels import eager as F  # noqa: E402
+from sharded_msam_sf.kernels import triton as TK  # noqa: E402
 
 from tests.test_fused import HP, run  # noqa: E402
 
@@ -21,8 +22,7 @@ def triton_on_cpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def test_kernels_equal_functional(triton_on_cpu):
-    from sharded_msam_sf import functional as F
+def test_kernels_equal_eager(triton_on_cpu):
     g = torch.Generator().manual_seed(0)
     n = 3000  # several blocks, a ragged tail
     p, gr, z, m = (torch.randn(n, generator=g) for _ in range(4))
@@ -39,6 +39,10 @@ def test_kernels_equal_functional(triton_on_cpu):
     s2 = F.ascent_stats([m], [gr], beta_m=0.9, foreach=True)
     assert abs(s1[0].item() - s2[0].item()) <= 1e-5 * s2[0].item() and s1[1].item() == 0.0
     gr[5] = float("inf")
+    assert K.ascent_stats([m], [gr], beta_m=0.9, impl="fused")[1].item() == 1.0
+    gr[5] = 1e30  # finite, but its square overflows fp32: the v-overflow flag, not the skip flag
+    assert K.ascent_stats([m], [gr], beta_m=0.9, impl="fused")[1:].tolist() == [0.0, 1.0]
+    gr[5] = float("nan")  # Triton's max drops NaN: the kernel counts it as inf
     assert K.ascent_stats([m], [gr], beta_m=0.9, impl="fused")[1].item() == 1.0
 
 

@@ -1,9 +1,9 @@
-"""The update math of AdamW-MSAM-ScheduleFree over lists of local tensors.
+"""The eager implementations: single-tensor (``foreach=False``) and multi-tensor (``foreach=True``).
 
 No ``torch.distributed`` here: every function sees only the tensors it is given
 (a whole parameter, a DTensor's local shard or a flat ZeRO partition alike). The
-caller (``optimizer.py``) reduces the scalars returned by :func:`ascent_stats`
-across ranks and passes the agreed scale ``s`` back in.
+state passed in must be in a compute dtype (fp32/fp64, :func:`.rules.require_compute_state`);
+bf16 state reaches these functions as fp32 copies through :mod:`.bf16_state`.
 
 Notation (``ALGORITHM.md``): the parameter tensor ``p`` holds ``y + s·m`` in train
 mode (``s = 0`` when no ascent is applied), ``z`` is the base sequence, ``v`` the
@@ -12,17 +12,15 @@ One step, with ``γ`` the scheduled lr, ``c`` the averaging weight and
 ``bc2 = 1 − β2^t``::
 
     y  = p − s_old·m                      remove the current ascent
-    m ← β_m·m + (1 − β_m)·g               (only when ``update_m``)
+    m ← β_m·m + (1 − β_m)·g               (only when ``beta_m`` is given: one_pass)
     v ← β2·v + (1 − β2)·g²
     u  = g / (sqrt(v / bc2) + eps) + λ·y
     y ← lerp(y, z, c) + γ·(β1·(1 − c) − 1)·u
     z ← z − γ·u
     p  = y + s_new·m                      apply the next ascent
 
-Two paths give the same numbers: ``foreach=False`` walks the tensors one by
-one; ``foreach=True`` uses ``torch._foreach_*`` multi-tensor kernels. Low-precision
-params (bf16/fp16) are updated in fp32 and written back rounded; the state
-(z, v, m) is fp32 for them.
+Both paths give the same numbers. Low-precision params (bf16/fp16) are updated in
+fp32 (their state's dtype) and written back rounded to nearest.
 """
 from __future__ import annotations
 
@@ -31,18 +29,11 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = [
-    "ascent_stats",
-    "add_scaled_",
-    "fold_momentum_",
-    "sf_adamw_update_",
-    "swap_y_x_",
-    "ascent_scale",
-]
+from .rules import grad_compute_dtype, grad_flags, no_flags, require_compute_state
 
+__all__ = ["ascent_stats", "grad_flags_of", "add_scaled_", "fold_momentum_", "sf_adamw_update_", "swap_y_x_"]
 
-def _is_low_precision(t: Tensor) -> bool:
-    return t.dtype in (torch.float16, torch.bfloat16)
+_INF = float("inf")
 
 
 def _momentum_after(m: Tensor, g: Tensor, beta_m: float) -> Tensor:
@@ -50,30 +41,25 @@ def _momentum_after(m: Tensor, g: Tensor, beta_m: float) -> Tensor:
     return m.mul(beta_m).add_(g.to(m.dtype), alpha=1.0 - beta_m)
 
 
-def ascent_stats(
-    ms: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    *,
-    beta_m: Optional[float],
-    foreach: bool,
-) -> Tensor:
-    """Local statistics for one param group, as a float64 tensor ``[sumsq, nonfinite]``.
+def ascent_stats(ms: Sequence[Tensor], grads: Sequence[Tensor], *, beta_m: Optional[float],
+                 foreach: bool) -> Tensor:
+    """Local statistics of one param group: float64 ``[sumsq, nonfinite, v_overflow]``.
 
     ``sumsq`` is ``Σ ||m_new||²`` over the given tensors, where ``m_new`` is the
     momentum after folding ``grads`` in with decay ``beta_m`` (``beta_m=None``:
-    the current ``m`` as it is, no folding). ``nonfinite`` is 1.0 if any gradient
-    holds NaN/inf, else 0.0. Nothing is written. ``ms`` may be empty (groups with
-    ``rho == 0`` keep no momentum): then only the flag is computed from ``grads``.
+    the current ``m`` as it is, no folding). ``nonfinite`` and ``v_overflow`` are the
+    gradient flags of :func:`.rules.grad_flags` over ``grads``. Nothing is written.
+    ``ms`` may be empty (groups with ``rho == 0`` keep no momentum): then only the
+    flags are computed.
     """
     device = grads[0].device if len(grads) else (ms[0].device if len(ms) else torch.device("cpu"))
-    out = torch.zeros(2, dtype=torch.float64, device=device)
+    out = torch.zeros(3, dtype=torch.float64, device=device)
     if len(ms):
         if beta_m is None:
             news = list(ms)
         elif foreach:
             news = torch._foreach_mul(list(ms), beta_m)
-            g32 = [g.to(m.dtype) for g, m in zip(grads, ms)]
-            torch._foreach_add_(news, g32, alpha=1.0 - beta_m)
+            torch._foreach_add_(news, [g.to(m.dtype) for g, m in zip(grads, ms)], alpha=1.0 - beta_m)
         else:
             news = [_momentum_after(m, g, beta_m) for m, g in zip(ms, grads)]
         if foreach:
@@ -81,29 +67,25 @@ def ascent_stats(
             out[0] = torch.stack([n.double() for n in norms]).square().sum() if norms else 0.0
         else:
             out[0] = sum((n.double().square().sum() for n in news), torch.zeros((), dtype=torch.float64, device=device))
-    if len(grads):
-        if foreach:
-            # g·0 is 0 for finite g and NaN for NaN/inf, so the norm of g·0 is 0 or NaN: exact,
-            # and no overflow false positive from large finite gradients
-            sums = torch._foreach_norm(torch._foreach_mul(list(grads), 0.0), 2)
-            bad = torch.stack([(~torch.isfinite(s)).to(torch.float64) for s in sums]).amax()
-        else:
-            bad = torch.zeros((), dtype=torch.float64, device=device)
-            for g in grads:
-                bad = torch.maximum(bad, (~torch.isfinite(g)).any().to(torch.float64))
-        out[1] = bad
+    out[1:] = grad_flags_of(grads, foreach=foreach) if len(grads) else no_flags(device)
     return out
 
 
-def ascent_scale(rho: float, sign: float, norm: float) -> float:
-    """``s = sign·ρ / ||m||``, and 0 when ``||m|| == 0`` or ``ρ == 0`` (no perturbation)."""
-    if rho == 0.0 or not norm > 0.0:
-        return 0.0
-    return sign * rho / norm
+def grad_flags_of(grads: Sequence[Tensor], *, foreach: bool) -> Tensor:
+    """:func:`.rules.grad_flags` of these gradients (max|g| per tensor, empty tensors skipped)."""
+    gs = [g for g in grads if g.numel()]
+    if not gs:
+        return no_flags(grads[0].device)
+    if foreach:
+        amax = torch._foreach_norm(gs, _INF)
+    else:
+        amax = [torch.linalg.vector_norm(g, _INF) for g in gs]
+    return grad_flags(torch.stack([a.to(grad_compute_dtype(g)) for a, g in zip(amax, gs)]))
 
 
 def add_scaled_(params: Sequence[Tensor], ms: Sequence[Tensor], scale: float, *, foreach: bool) -> None:
-    """``p ← p + scale·m`` for each pair (apply ``scale = s``, remove ``scale = −s``)."""
+    """``p ← p + scale·m`` for each pair (apply ``scale = s``, remove ``scale = −s``);
+    computed in the wider of the two dtypes, p rounded to nearest."""
     if scale == 0.0 or not len(params):
         return
     if foreach and all(p.dtype == m.dtype for p, m in zip(params, ms)):
@@ -120,6 +102,7 @@ def fold_momentum_(ms: Sequence[Tensor], grads: Sequence[Tensor], beta_m: float,
     """``m ← β_m·m + (1 − β_m)·g`` in place (same ops as :func:`ascent_stats`)."""
     if not len(ms):
         return
+    require_compute_state(ms, "fold_momentum_")
     if foreach:
         torch._foreach_mul_(list(ms), beta_m)
         torch._foreach_add_(list(ms), [g.to(m.dtype) for g, m in zip(grads, ms)], alpha=1.0 - beta_m)
@@ -172,19 +155,16 @@ def sf_adamw_update_(
     """
     if not len(params):
         return
-    if ms is None:
-        if remove_scale != 0.0 or apply_scale != 0.0:
-            raise ValueError("an ascent scale needs the momentum tensors")
+    if ms is None and (remove_scale != 0.0 or apply_scale != 0.0):
+        raise ValueError("an ascent scale needs the momentum tensors")
+    require_compute_state(list(zs) + list(vs) + (list(ms) if ms is not None else []), "sf_adamw_update_")
+    kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, ckp1=ckp1,
+              bias_correction2=bias_correction2, beta_m=beta_m, remove_scale=remove_scale, apply_scale=apply_scale)
     if foreach:
-        _update_foreach(params, grads, zs, vs, ms, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                        weight_decay=weight_decay, ckp1=ckp1, bias_correction2=bias_correction2,
-                        beta_m=beta_m, remove_scale=remove_scale, apply_scale=apply_scale)
+        _update_foreach(params, grads, zs, vs, ms, **kw)
     else:
         for i, p in enumerate(params):
-            _update_single(p, grads[i], zs[i], vs[i], None if ms is None else ms[i], lr=lr, beta1=beta1,
-                           beta2=beta2, eps=eps, weight_decay=weight_decay, ckp1=ckp1,
-                           bias_correction2=bias_correction2, beta_m=beta_m,
-                           remove_scale=remove_scale, apply_scale=apply_scale)
+            _update_single(p, grads[i], zs[i], vs[i], None if ms is None else ms[i], **kw)
 
 
 def _update_single(p: Tensor, g: Tensor, z: Tensor, v: Tensor, m: Optional[Tensor], *, lr, beta1, beta2, eps,
