@@ -187,17 +187,8 @@ def env_world_size() -> int:
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), world_size: int | None = None,
                 data_path: str | None = None) -> JobConfig:
     """Read, override and validate a job config; raises ConfigError naming the bad key."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {p} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {p} must hold a JSON object")
+    from sharded_msam_sf.jsonfile import read_json_object
+    raw: dict = read_json_object(path, ConfigError) if path is not None else {}
     for item in overrides:
         _set_override(raw, item)
     if data_path is not None:
