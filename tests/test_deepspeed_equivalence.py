@@ -23,6 +23,9 @@ TOL = 1e-5
 MODES = ("one_pass", "two_pass")
 FP32_CASES = [f"zero{stage}/fp32/{mode}" for stage in (1, 2, 3) for mode in MODES]
 SUB_GROUP_CASES = [f"zero3/fp32/{mode}/sub_groups" for mode in MODES]
+# ZeRO-Offload ("offload_optimizer": {"device": "cpu"}): DeepSpeed keeps the masters' .grad buffers
+# across steps there; the driver puts every .grad back as it found it
+OFFLOAD_CASES = {"zero2/fp32/one_pass/offload": (2, "one_pass"), "zero3/fp32/two_pass/offload": (3, "two_pass")}
 
 
 def _fp32_ranks(rank, world, rec):
@@ -47,6 +50,10 @@ def _fp32_ranks(rank, world, rec):
     for mode in MODES:
         cfg = S.ds_config(3, "fp32", mode, sub_group_size=16, persistence_threshold=0)
         rec.case(f"zero3/fp32/{mode}/sub_groups", lambda: run(f"zero3/fp32/{mode}/sub_groups", cfg, mode))
+    for name, (stage, mode) in OFFLOAD_CASES.items():
+        cfg = S.ds_config(stage, "fp32", mode)
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        rec.case(name, lambda: run(name, cfg, mode))
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +61,19 @@ def fp32_runs(tmp_path_factory):
     return S.run_cases(_fp32_ranks, tmp_path_factory.mktemp("ds_fp32"))
 
 
-@pytest.mark.parametrize("case", FP32_CASES + SUB_GROUP_CASES)
+@pytest.mark.parametrize("case", FP32_CASES + SUB_GROUP_CASES + list(OFFLOAD_CASES))
 def test_fp32_masters_match_single_process(fp32_runs, case):
     for r, v in enumerate(S.case_values(fp32_runs, case)):
         assert v["masters"] <= TOL, f"rank {r}: fp32 masters differ from the single-process optimizer by {v['masters']}"
 
 
-@pytest.mark.parametrize("case", FP32_CASES + SUB_GROUP_CASES)
+@pytest.mark.parametrize("case", FP32_CASES + SUB_GROUP_CASES + list(OFFLOAD_CASES))
 def test_fp32_module_weights_match_single_process(fp32_runs, case):
     for r, v in enumerate(S.case_values(fp32_runs, case)):
         assert v["module"] <= TOL, f"rank {r}: engine.module differs from the single-process optimizer by {v['module']}"
 
 
-@pytest.mark.parametrize("case", FP32_CASES + SUB_GROUP_CASES)
+@pytest.mark.parametrize("case", FP32_CASES + SUB_GROUP_CASES + list(OFFLOAD_CASES))
 def test_one_counter_step_per_engine_step(fp32_runs, case):
     for r, v in enumerate(S.case_values(fp32_runs, case)):
         assert v["groups"] == 2, f"rank {r}: {v['groups']} param groups"
