@@ -34,7 +34,10 @@ def _fp32_ranks(rank, world, rec):
     def run(name, cfg, mode):
         engine, opt = S.make_engine(cfg)
         try:
-            rec(name, groups=len(opt.param_groups), sub_groups=len(getattr(opt.zero_optimizer, "fp16_groups", [])))
+            from sharded_msam_sf.deepspeed import attach
+            again = attach(engine)  # initialize() attached already: the same driver, DeepSpeed's step wrapped once
+            rec(name, groups=len(opt.param_groups), sub_groups=len(getattr(opt.zero_optimizer, "fp16_groups", [])),
+                attach_idempotent=again._driver is opt._driver and engine.optimizer.step == opt._driver._step)
             opt.train()
             applied = S.ds_train(engine, opt, STEPS, mode, switch_at=SWITCH)
             rec(name, applied=applied, k=[g["k"] for g in opt.param_groups])
@@ -79,6 +82,12 @@ def test_one_counter_step_per_engine_step(fp32_runs, case):
         assert v["groups"] == 2, f"rank {r}: {v['groups']} param groups"
         assert v["k"] == [STEPS, STEPS], f"rank {r}: step counters {v['k']} after {STEPS} engine steps"
         assert all(v["applied"]), f"rank {r}: engine.was_step_applied() {v['applied']}"
+
+
+@pytest.mark.parametrize("case", FP32_CASES)
+def test_attach_is_idempotent(fp32_runs, case):
+    for r, v in enumerate(S.case_values(fp32_runs, case)):
+        assert v["attach_idempotent"], f"rank {r}: attach(engine) after initialize() bound the engine again"
 
 
 @pytest.mark.parametrize("case", SUB_GROUP_CASES)

@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import weakref
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, Optional
 
 import torch
@@ -123,16 +122,14 @@ def _kind(zero: Any) -> str:
         f"this engine wraps the optimizer in {type(zero).__name__}: set zero_optimization.stage to 1, 2 or 3")
 
 
-_DRIVERS: "weakref.WeakKeyDictionary[Any, ZeroDriver]" = weakref.WeakKeyDictionary()
-
-
 def bind(engine: Any, optimizer: "AdamWMSAMScheduleFree") -> "ZeroDriver":
-    """The driver of ``engine``'s ZeRO optimizer, created on the first call (idempotent)."""
-    driver = _DRIVERS.get(engine.optimizer)
+    """The driver that couples ``optimizer`` to ``engine``'s ZeRO optimizer, created on the first
+    call (idempotent: the optimizer's back end keeps it)."""
+    driver = getattr(optimizer.backend, "driver", None)
     if driver is None:
-        driver = _DRIVERS[engine.optimizer] = ZeroDriver(engine, optimizer)
-    elif driver.optimizer is not optimizer:
-        raise RuntimeError("this DeepSpeed engine is already bound to another AdamWMSAMScheduleFree")
+        return ZeroDriver(engine, optimizer)
+    if driver.zero is not engine.optimizer:
+        raise RuntimeError("this AdamWMSAMScheduleFree is already bound to another DeepSpeed engine")
     return driver
 
 
