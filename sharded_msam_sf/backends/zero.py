@@ -25,41 +25,38 @@ first gradient is reduced, unscaled (fp16), checked for overflow and clipped exa
 like the second; a clean first pass leaves the loss scaler as it was.
 
 **The DeepSpeed internals this uses** (deepspeed 0.16–0.19; ``ZeroDriver._REQUIRED`` checks
-them when binding). None of them has a public seam: DeepSpeed's engine has no callback
-around or inside the optimizer step, and its ZeRO wrappers are not ``torch.optim``
-optimizers (no step hooks).
+them when binding). None has a public seam: DeepSpeed's engine has no callback around or
+inside the optimizer step, and its ZeRO wrappers are not ``torch.optim`` optimizers (no step
+hooks).
 
-=============================================  ==========================================================
-DeepSpeed method / attribute                   what we do, and why
-=============================================  ==========================================================
-``DeepSpeedZeroOptimizer.step``,               wrapped (instance attribute, bound once): DeepSpeed's
-``DeepSpeedZeroOptimizer_Stage3.step``,        step runs unchanged inside; around it we (a) let
-``BF16_Optimizer.step``                        DeepSpeed do the fp32 → bit16 copy and all-gather
-                                               instead of pushing, (b) call ``skip_step`` when it
-                                               returned early on overflow, (c) set ``.overflow``
-                                               when our optimizer skipped (the engine reads it for
-                                               ``was_step_applied()`` and ``skipped_steps``)
-``DeepSpeedZeroOptimizer._optimizer_step(i)``, replaced: the per-(sub-)group client call, inside
-``DeepSpeedZeroOptimizer_Stage3``              ``step()``'s loop; ours keeps the gradient until the
-``._optimizer_step(s)``                        last group, then runs one gathered call
-``BF16_Optimizer.optimizer``                   during a two_pass ``ascent()`` only: BF16_Optimizer.step
-                                               calls ``self.optimizer.step()``; a stand-in whose
-                                               ``step()`` is ``move_to_ascent()`` takes its place
-``.loss_scaler``                               copied before the ascent pass and put back after a
-                                               clean one, by assignment, as DeepSpeed's own
-                                               checkpoint load does (``state_dict['loss_scaler']``)
-ZeRO-1/2: ``single_partition_of_fp32_groups``, read/written: the masters, their bit16 partitions
-``parallel_partitioned_bit16_groups``,         and the group that owns them; ``update_lp_params()``
-``real_dp_process_group``, ``bit16_groups``,   pushes masters to weights (DeepSpeed uses it after a
-``update_lp_params``,                          universal checkpoint load); the hp-state link after
-``_lazy_init_hp_params_optimizer_state``       a step, as ``_optimizer_step`` does
-BF16: ``fp32_groups_flat_partition``,          the masters; the push
-``update_lp_params``
-ZeRO-3: ``fp32_partitioned_groups_flat``,      the masters and sub-groups; the push as its checkpoint
-``fp16_groups``, ``checkpoint_event_*``,       load does; ``param_groups`` are empty between steps
-``_reassign_or_swap_out_partitioned_params``,  and are filled for a call out of the step as its
-``_set/_clear_fp32_optimizer_param_groups``    state_dict does
-=============================================  ==========================================================
+- ``DeepSpeedZeroOptimizer.step``, ``DeepSpeedZeroOptimizer_Stage3.step``,
+  ``BF16_Optimizer.step`` — *wrapped* (an instance attribute, set once by :func:`bind`):
+  DeepSpeed's step runs unchanged inside. Around it we (a) let DeepSpeed copy fp32 → bit16
+  and all-gather instead of pushing ourselves, (b) call ``optimizer.skip_step()`` when it
+  returned early on overflow, before calling the client optimizer, (c) set its ``.overflow``
+  when our optimizer skipped, which the engine reads for ``was_step_applied()`` and
+  ``skipped_steps``.
+- ``DeepSpeedZeroOptimizer._optimizer_step(i)`` (ZeRO-1/2) and
+  ``DeepSpeedZeroOptimizer_Stage3._optimizer_step(s)`` — *replaced*: the per-(sub-)group
+  client call inside ``step()``'s loop. Ours keeps the gradient until the last group and
+  then runs one gathered call (which also does the ``_lazy_init_hp_params_optimizer_state()``
+  link of ZeRO-1/2's original).
+- ``BF16_Optimizer.optimizer`` — *swapped* during a two_pass :meth:`ZeroDriver.ascent` only:
+  its ``step()`` calls ``self.optimizer.step()``; a stand-in whose ``step()`` is the gathered
+  ``move_to_ascent()`` takes our optimizer's place for that call.
+- ``.loss_scaler`` — copied before the ascent pass and put back after a clean one, by
+  assignment, as DeepSpeed's own checkpoint load does (``state_dict['loss_scaler']``).
+- Read and written, the masters and the bit16 weights: ZeRO-1/2
+  ``single_partition_of_fp32_groups``, ``parallel_partitioned_bit16_groups``,
+  ``real_dp_process_group``, ``bit16_groups``; BF16 ``fp32_groups_flat_partition``; ZeRO-3
+  ``fp32_partitioned_groups_flat``, ``fp16_groups``.
+- The push of the masters to the weights out of the step: ZeRO-1/2 and BF16
+  ``update_lp_params()`` (DeepSpeed's own, after a universal checkpoint load); ZeRO-3 as its
+  checkpoint load does, ``checkpoint_event_prologue()``,
+  ``_reassign_or_swap_out_partitioned_parameters(s)``, ``checkpoint_event_epilogue()``.
+- ZeRO-3 empties ``param_groups[i]['params']`` between steps: they are filled for a call
+  out of the step with ``_set_fp32_optimizer_param_groups()`` /
+  ``_clear_fp32_optimizer_param_groups()``, as its ``state_dict()`` does.
 
 Also here: :func:`gathered` (the one ZeRO-3 gather helper) and :func:`full_fp32_state_dict`
 (the one weight export).
@@ -154,8 +151,7 @@ class ZeroDriver:
         "zero12": ("_optimizer_step", "single_partition_of_fp32_groups", "parallel_partitioned_bit16_groups",
                    "bit16_groups", "real_dp_process_group", "update_lp_params", "_lazy_init_hp_params_optimizer_state"),
         "bf16": ("fp32_groups_flat_partition", "update_lp_params", "optimizer"),
-        "zero3": ("_optimizer_step", "fp32_partitioned_groups_flat", "fp16_partitioned_groups_flat",
-                  "sub_group_to_group_id", "fp16_groups", "_unflatten_partitioned_parameters",
+        "zero3": ("_optimizer_step", "fp32_partitioned_groups_flat", "fp16_groups",
                   "_set_fp32_optimizer_param_groups", "_clear_fp32_optimizer_param_groups",
                   "checkpoint_event_prologue", "checkpoint_event_epilogue", "_reassign_or_swap_out_partitioned_parameters"),
     }
@@ -165,7 +161,8 @@ class ZeroDriver:
         self.optimizer = optimizer
         self.zero = engine.optimizer
         self.kind = _kind(self.zero)
-        missing = [a for a in self._REQUIRED[self.kind] if not hasattr(self.zero, a)]
+        required = ("step", "overflow", "dp_process_group", "zero_grad") + self._REQUIRED[self.kind]
+        missing = [a for a in required if not hasattr(self.zero, a)]
         if missing:
             raise NotImplementedError(f"this DeepSpeed version's {type(self.zero).__name__} lacks {missing}; "
                                       f"sharded_msam_sf.deepspeed is tested with deepspeed 0.16-0.19")
