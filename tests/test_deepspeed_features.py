@@ -17,9 +17,11 @@ TOL = 1e-5
 # ---------------------------------------------------------------------- fp16 overflow, accumulation, clipping
 # (stage, sam_mode, the pass that overflows at step 1): two_pass "first" is the ascent pass
 # (skip_step(ascent=True), the step after it is skipped), "second" the step's own gradient
-FP16_CASES = {f"zero{st}/fp16/{mode}/overflow_in_{which}_pass": (st, mode, which)
-              for st, mode, which in ((2, "one_pass", "first"), (3, "one_pass", "first"),
-                                      (2, "two_pass", "first"), (3, "two_pass", "second"))}
+# (the "offload" case: ZeRO-Offload keeps the masters' .grad buffers across steps, a skip must too)
+FP16_CASES = {f"zero{st}/fp16/{mode}{'/offload' if off else ''}/overflow_in_{which}_pass": (st, mode, which, off)
+              for st, mode, which, off in ((2, "one_pass", "first", False), (3, "one_pass", "first", False),
+                                           (2, "two_pass", "first", False), (3, "two_pass", "second", False),
+                                           (3, "two_pass", "first", True))}
 GAS_CASES = {f"zero{st}/fp32/one_pass/gas2": st for st in (2, 3)}
 CLIP_CASES = {"zero1/fp32/one_pass/clip0.05": (1, "one_pass"), "zero3/fp32/two_pass/clip0.05": (3, "two_pass")}
 
@@ -41,8 +43,11 @@ def _same(a, b):
 def _features_ranks(rank, world, rec):
     import warnings
 
-    def fp16(name, stage, mode, which):
-        engine, opt = S.make_engine(S.ds_config(stage, "fp16", mode))
+    def fp16(name, stage, mode, which, offload):
+        cfg = S.ds_config(stage, "fp16", mode)
+        if offload:
+            cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        engine, opt = S.make_engine(cfg)
         try:
             opt.train()
             S.ds_train(engine, opt, 1, mode)

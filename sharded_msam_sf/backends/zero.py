@@ -204,7 +204,7 @@ class ZeroDriver:
             if not zero.overflow:
                 raise RuntimeError(f"{type(zero).__name__}.step() neither called the optimizer nor reported an "
                                    f"overflow: this DeepSpeed version is not supported by sharded_msam_sf")
-            with self.param_groups_filled():
+            with self._gradients(self._masters()), self.param_groups_filled():
                 opt.skip_step(OVERFLOW_REASON, ascent=self._call == "move_to_ascent")
         elif self._call == "step" and opt.skipped_steps > skipped:
             zero.overflow = True  # our optimizer skipped (a NaN it saw, or an overflowed ascent pass)
@@ -220,7 +220,7 @@ class ZeroDriver:
     # ZeRO-1/2: DeepSpeed calls _optimizer_step(i) for i = 0..G-1, group i's gradient set just before
     def _zero12_group_step(self, group_no: int) -> None:
         zero = self.zero
-        fp32 = zero.single_partition_of_fp32_groups
+        fp32 = self._masters()
         self._pending[group_no] = fp32[group_no].grad
         if len(self._pending) < len(zero.bit16_groups):
             return  # the update waits for the last group's gradient
@@ -236,7 +236,7 @@ class ZeroDriver:
     # ZeRO-3: DeepSpeed calls _optimizer_step(s) per sub-group s, param_groups filled only during the call
     def _zero3_group_step(self, sub_group_id: int) -> None:
         zero = self.zero
-        fp32 = zero.fp32_partitioned_groups_flat
+        fp32 = self._masters()
         self._pending[sub_group_id] = fp32[sub_group_id].grad
         if len(self._pending) < len(zero.fp16_groups):
             return
@@ -247,10 +247,20 @@ class ZeroDriver:
                 if s != sub_group_id:  # DeepSpeed puts the current sub-group's weights in place itself
                     zero._reassign_or_swap_out_partitioned_parameters(s)
 
+    def _masters(self):
+        """The fp32 master partitions, one per (sub-)group."""
+        zero = self.zero
+        if self.kind == "zero12":
+            return zero.single_partition_of_fp32_groups
+        if self.kind == "bf16":
+            return zero.fp32_groups_flat_partition
+        return zero.fp32_partitioned_groups_flat
+
     @contextlib.contextmanager
     def _gradients(self, masters) -> Iterator[None]:
-        """Every (sub-)group's pending gradient on its master for the gathered call; each ``.grad`` is
-        then put back as DeepSpeed left it (None after its own call, or a buffer it reuses)."""
+        """Every (sub-)group's pending gradient on its master for the call inside; each ``.grad`` is
+        then put back as DeepSpeed left it (None after its own call, or, under ZeRO-Offload, a
+        buffer it reuses across steps; our optimizer drops the gradients it has used)."""
         found = [t.grad for t in masters]
         for i, grad in self._pending.items():
             masters[i].grad = grad
