@@ -126,15 +126,15 @@ class Run:
             stage = int(engine_name[-1])
             params = list(model.parameters())
             if ours:
-                from sharded_msam_sf.backends.deepspeed import DeepSpeedBackend, DeepSpeedDriver
-                from sharded_msam_sf.deepspeed import DeepSpeedMSAMOptimizer
+                from sharded_msam_sf.backends.zero import DeepSpeedBackend
                 client = AdamWMSAMScheduleFree(params, backend=DeepSpeedBackend(), **kw)
             else:
                 client = torch.optim.AdamW(params, **kw)
             engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=client,
                                                    config=ds_config(stage, world))
             if ours:
-                self.wrapper = DeepSpeedMSAMOptimizer(engine, client, DeepSpeedDriver(engine, client))
+                from sharded_msam_sf.deepspeed import attach
+                self.wrapper = attach(engine)
                 self.wrapper.train()
             self.engine, self.client, self.module = engine, client, engine.module
         else:

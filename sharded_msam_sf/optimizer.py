@@ -546,6 +546,37 @@ class AdamWMSAMScheduleFree(Optimizer):
                       "scale the loss down or clip the gradients "
                       f"(steps with an overflow so far: {self.v_overflow_steps})", RuntimeWarning, stacklevel=3)
 
+    @torch.no_grad()
+    def skip_step(self, reason: str, *, ascent: bool = False) -> None:
+        """Skip this step on an engine's decision, e.g. DeepSpeed's overflow check, which drops a
+        non-finite gradient before this optimizer sees it. The state ends as if that gradient had
+        reached the optimizer: ``ascent=False`` (in place of ``step()``): the skip is counted in
+        ``skipped_steps`` and z, v, m, k are unchanged; two_pass also removes an ascent still in
+        place. ``ascent=True`` (two_pass, in place of ``move_to_ascent()``): no ascent (s = 0), the
+        gradients are dropped, and the coming ``step()`` is skipped and counted. No collective: the
+        engine's decision must be the same on every rank. ``reason`` goes into the warning."""
+        self._require_train("skip_step()")
+        if ascent and self.sam_mode != "two_pass":
+            raise ValueError("skip_step(ascent=True) replaces a two_pass move_to_ascent(); this optimizer is one_pass")
+        changed = False
+        for group in self.param_groups:
+            if ascent:
+                group["at_ascent"], group["ascent_scale"], group["skip_pending"] = True, 0.0, True
+                continue
+            if group["sam_mode"] == "two_pass":
+                if group["at_ascent"]:
+                    self._shift(group, -group["ascent_scale"])
+                    group["at_ascent"], changed = False, True
+                group["ascent_scale"], group["skip_pending"] = 0.0, False
+            group["skipped_steps"] += 1
+        if ascent:
+            self._backend.clear_grads(self)
+        elif changed:
+            self._backend.params_changed()
+        what = "no ascent, the coming step() is skipped" if ascent else "step skipped"
+        warnings.warn(f"AdamWMSAMScheduleFree: {what} ({reason}); the optimizer state is unchanged "
+                      f"(skipped so far: {self.skipped_steps})", RuntimeWarning, stacklevel=2)
+
     @staticmethod
     def _schedule(group: Dict[str, Any]) -> Tuple[float, float, float]:
         """(γ_t, c_t, bc2) for the group's next step; updates lr_max, weight_sum, scheduled_lr."""

@@ -224,14 +224,12 @@ def deepspeed_config(cfg: JobConfig) -> dict:
 
 class DeepSpeedEngine:
     def __init__(self, cfg: JobConfig, env: DistEnv):
-        import deepspeed
         self.cfg, self.env = cfg, env
         self.module = build_model(cfg, env.device)
         self.n_params = self.module.num_params()
         self.ds_config = deepspeed_config(cfg)
         from sharded_msam_sf.deepspeed import initialize
         self.model, self.optimizer, _, _ = initialize(model=self.module, config=self.ds_config)
-        self._deepspeed = deepspeed
 
     def forward(self, x, y):
         return self.model(x, y)
@@ -259,12 +257,9 @@ class DeepSpeedEngine:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
 
     def full_state_dict(self):
-        params = list(self.module.parameters())
-        ctx = (self._deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-               if self.cfg.engine.zero_stage == 3 else contextlib.nullcontext())
-        with ctx:
-            sd = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()} if self.env.rank == 0 else None
-        return sd
+        """The fp32 masters (x in eval mode), not rounded to a bf16 model's dtype: see
+        sharded_msam_sf.backends.zero.full_fp32_state_dict."""
+        return self.optimizer.eval_state_dict(rank0_only=True)
 
     def close(self) -> None:
         self.model.destroy()
