@@ -37,7 +37,7 @@ from torch.optim import Optimizer
 
 from . import functional as F
 from . import fused_compile as K
-from .backends import Backend, detect_backend
+from .backends import Backend, resolve_backend
 
 __all__ = ["AdamWMSAMScheduleFree", "SAM_MODES", "default_rho"]
 
@@ -132,7 +132,7 @@ class AdamWMSAMScheduleFree(Optimizer):
         process_group: the group that reduces the norm, overriding the detected one
             (with plain params: all-reduce the stats over it, as for DDP).
         model: the wrapped model (DDP / FSDP1 / FSDP2), to find the engine's modules
-            without searching (see :func:`~sharded_msam_sf.backends.detect_backend`).
+            without searching (see :func:`~sharded_msam_sf.backends.resolve_backend`).
 
     Call ``train()`` before training and ``eval()`` before evaluating or saving
     weights for inference (the params then hold the averaged x).
@@ -173,10 +173,8 @@ class AdamWMSAMScheduleFree(Optimizer):
             raise TypeError("params must be an iterable of Tensors or dicts, not a single Tensor")
         params = list(params)
         super().__init__(params, defaults)
-        if backend is None:
-            backend = detect_backend((p for g in self.param_groups for p in g["params"]),
-                                     process_group=process_group, model=model)
-        self._backend = backend
+        self._backend = resolve_backend((p for g in self.param_groups for p in g["params"]), backend=backend,
+                                        process_group=process_group, model=model)
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -346,7 +344,7 @@ class AdamWMSAMScheduleFree(Optimizer):
             group["ascent_scale"] = F.ascent_scale(group["rho"], group.get("_ascent_sign", 1.0), norm)
         if skip:
             self._warn_skip("move_to_ascent()")
-        self._backend.clear_grads(self)
+        self.zero_grad(set_to_none=True)
         for group in self.param_groups:
             self._shift(group, group["ascent_scale"])
         self._backend.params_changed()
