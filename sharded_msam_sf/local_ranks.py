@@ -87,16 +87,19 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
         if p.is_alive():
             p.kill()
             p.join(5)
+    problems = []
     if failures:
-        msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
-        raise RanksFailed(f"{len(failures)} rank(s) failed:\n{msg}")
+        problems.append(f"{len(failures)} rank(s) failed:\n" +
+                        "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items())))
     if hung:
-        raise RanksFailed(f"ranks {hung} still running after {timeout:.0f} s: killed (deadlock?)")
-    bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
+        problems.append(f"ranks {hung} still running after {timeout:.0f} s: killed (deadlock?)")
+    bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0 and r not in failures and r not in hung]
     if bad:
         hint = (" (-6 is SIGABRT: a gloo thread outlived the interpreter; see sharded_msam_sf/teardown.py)"
                 if any(code == -6 for _, code in bad) else "")
-        raise RanksFailed(f"ranks exited with non-zero codes: {bad}{hint}")
+        problems.append(f"ranks exited with non-zero codes: {bad}{hint}")
+    if problems:
+        raise RanksFailed("\n".join(problems))
     missing = [r for r in range(world_size) if r not in results]
     if missing:
         raise RanksFailed(f"ranks {missing} exited without a result")
