@@ -22,8 +22,10 @@ element (identical copies, counted once). Then
 
 Examples: one process — no group (nothing to reduce); FSDP2 on a 1-D mesh and FSDP1 — the
 shard group, 1; HSDP ``(Replicate, Shard)`` — the shard dimension's group, 1 (the replica
-groups are left out of the sum, which costs less than adding them and dividing by 2); DDP —
-the DDP group, its size. :class:`Reduction` turns the shares of all parameters into the one
+groups are left out of the sum, so each element is counted once without a division; the
+whole mesh with 2 replicas would be equally right); DDP — the DDP group, its size. Under
+tensor parallelism a Rowwise bias on a dp × tp mesh would be (all ranks, tp) and a Colwise
+weight (all ranks, 1). :class:`Reduction` turns the shares of all parameters into the one
 all-reduce (SUM over the group, then each sum of squares divided by the replica count; the
 flag only needs to be > 0 somewhere). Today every parameter of one optimizer must share the
 same group and replica count; tensor parallelism (a Colwise weight sharded over dp × tp, a
@@ -84,10 +86,13 @@ class Reduction:
     @classmethod
     def of(cls, shares: Iterable[Share], device: Optional[torch.device] = None) -> "Reduction":
         """The reduction for these parameters' shares (all alike; see the module docstring)."""
-        kinds = {}
+        by_object = {}  # the groups' ranks are read once per distinct group object
         for s in shares:
+            by_object.setdefault((id(s.group), s.replicas), [s, 0])[1] += 1
+        kinds = {}
+        for s, n in by_object.values():
             key = (tuple(group_ranks(s.group)) if s.group is not LOCAL else LOCAL, s.replicas)
-            kinds.setdefault(key, [s, 0])[1] += 1
+            kinds.setdefault(key, [s, 0])[1] += n
         if not kinds:
             return cls(LOCAL, 1, device)
         if len(kinds) > 1:
