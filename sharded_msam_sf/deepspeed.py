@@ -56,29 +56,24 @@ from .optimizer import AdamWMSAMScheduleFree
 
 __all__ = ["initialize", "attach", "init_distributed", "DeepSpeedMSAMOptimizer", "ConfigError"]
 
-_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 
 
 def init_distributed(dist_backend: Optional[str] = None, **kwargs: Any) -> None:
-    """``deepspeed.init_distributed(auto_mpi_discovery=True)``, keeping a MASTER_ADDR/PORT you set.
+    """``deepspeed.init_distributed`` with the ranks and rendezvous of whichever launcher started us.
 
-    Under ``mpirun`` (no RANK/WORLD_SIZE in the environment) DeepSpeed discovers the ranks
-    with mpi4py but takes rank 0's first ``hostname -I`` address as MASTER_ADDR; a
-    MASTER_ADDR/MASTER_PORT set by the launcher or the user (e.g. 127.0.0.1 on one node)
-    is put back before the process group starts. No-op if a process group exists.
+    :func:`sharded_msam_sf.launch_env.export` reads torchrun, the deepspeed launcher, mpirun
+    (Open MPI, MPICH/Hydra, MVAPICH, PMIx) or srun, and sets RANK/WORLD_SIZE/LOCAL_RANK and
+    MASTER_ADDR/MASTER_PORT (a MASTER_ADDR/PORT you set is kept; an MPI launch across nodes
+    gets rank 0's address over mpi4py, as DeepSpeed's ``mpi_discovery`` does). No-op for the
+    environment if a process group exists.
     """
     import deepspeed
-    if dist.is_available() and dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=dist_backend, **kwargs)  # adopts the existing group
-        return
-    required = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
-    if not all(v in os.environ for v in required) and any(v in os.environ for v in _MPI_RANK_VARS):
-        keep = {k: os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT") if k in os.environ}
-        from deepspeed.comm.comm import mpi_discovery
-        port = int(keep.get("MASTER_PORT", kwargs.get("distributed_port", 29500)))
-        mpi_discovery(distributed_port=port, verbose=False)
-        os.environ.update(keep)
-    deepspeed.init_distributed(dist_backend=dist_backend, auto_mpi_discovery=True, **kwargs)
+    if not (dist.is_available() and dist.is_initialized()):
+        from .launch_env import export
+        if "distributed_port" in kwargs:
+            os.environ.setdefault("MASTER_PORT", str(kwargs["distributed_port"]))
+        export()
+    deepspeed.init_distributed(dist_backend=dist_backend, **kwargs)
 
 
 def initialize(model: torch.nn.Module = None,

@@ -97,11 +97,6 @@ class DeepSpeedBackend(Backend):
         if self.driver is not None:
             self.driver.params_changed()
 
-    def clear_grads(self, optimizer: "AdamWMSAMScheduleFree") -> None:
-        # the gradients the optimizer sees are the fp32 partitions' .grad set by the driver;
-        # DeepSpeed frees its own buffers in the step that runs move_to_ascent()
-        optimizer.zero_grad(set_to_none=True)
-
 
 def _kind(zero: Any) -> str:
     """Which DeepSpeed optimizer wrapper this is (by class, without importing deepspeed eagerly)."""

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..launch_env import export as export_launch_env
 from .config import JobConfig
 from .model import GPT, Block, GPTConfig
 
@@ -273,32 +274,6 @@ def build_engine(cfg: JobConfig, env: DistEnv):
 
 
 # ---------------------------------------------------------------- process group
-def _fill_launcher_env() -> None:
-    """RANK/WORLD_SIZE/LOCAL_RANK from mpirun (Open MPI, MPICH/hydra) or srun when torchrun did not set them."""
-    env = os.environ
-    if "RANK" not in env:
-        for rank, size, local in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-                                  ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-                                  ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK"),
-                                  ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
-            if rank in env:
-                env["RANK"], env["WORLD_SIZE"] = env[rank], env.get(size, "1")
-                env["LOCAL_RANK"] = env.get(local, "0")
-                break
-        else:
-            env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    env.setdefault("LOCAL_RANK", "0")
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in env:
-        if env["WORLD_SIZE"] == "1":
-            import socket
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                env["MASTER_PORT"] = str(s.getsockname()[1])
-        else:
-            env["MASTER_PORT"] = "29500"
-
-
 def _restart_safe_store(world: int):
     """Under torchrun, the workers of every restart share the agent's TCPStore (torch 2.13 keeps one
     server across rendezvous rounds), so a restarted group would read the dead group's gloo/nccl
@@ -313,8 +288,8 @@ def _restart_safe_store(world: int):
 
 
 def init_distributed(cfg: JobConfig) -> DistEnv:
-    _fill_launcher_env()
-    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    launch = export_launch_env()  # torchrun, deepspeed, mpirun, srun or plain python
+    rank, world, local = launch.rank, launch.world_size, launch.local_rank
     use_cuda = cfg.engine.device == "cuda" or (cfg.engine.device == "auto" and torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():
