@@ -558,14 +558,15 @@ class AdamWMSAMScheduleFree(Optimizer):
             raise ValueError("skip_step(ascent=True) replaces a two_pass move_to_ascent(); this optimizer is one_pass")
         changed = False
         for group in self.param_groups:
-            if ascent:
+            if ascent:  # in place of move_to_ascent(): the coming step() is the one skipped
                 group["at_ascent"], group["ascent_scale"], group["skip_pending"] = True, 0.0, True
+                group["ascent_taken"] = True
                 continue
             if group["sam_mode"] == "two_pass":
                 if group["at_ascent"]:
                     self._shift(group, -group["ascent_scale"])
                     group["at_ascent"], changed = False, True
-                group["ascent_scale"], group["skip_pending"] = 0.0, False
+                group["ascent_scale"], group["skip_pending"], group["ascent_taken"] = 0.0, False, False
             group["skipped_steps"] += 1
         if ascent:
             self.zero_grad(set_to_none=True)
