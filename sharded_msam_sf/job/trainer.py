@@ -55,9 +55,10 @@ def run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool = False) -> d
         saved_world = state.get("world_size", env.world_size)
         if cfg.engine.name == "deepspeed" and saved_world != env.world_size:
             raise CheckpointError(
-                f"{resume_from} was written by {saved_world} ranks and this run has {env.world_size}: DeepSpeed "
-                "ZeRO checkpoints are tied to the world size (convert it with DeepSpeed's ds_to_universal.py "
-                "first, or run with the same number of ranks); DDP/FSDP checkpoints reshard freely")
+                f"{resume_from} was written by {saved_world} ranks and this run has {env.world_size}: resuming a "
+                "DeepSpeed checkpoint on another world size is not supported yet. Relaunch with the original "
+                f"world size ({saved_world} ranks), or train with engine.name fsdp2 or ddp, whose checkpoints "
+                "reshard to any world size")
         engine.load(resume_from)
         step = int(state["step"])
     tokens_per_step = cfg.train.global_batch_size * cfg.model.block_size
