@@ -32,11 +32,11 @@ from tests.multinode import (ROOT, Agent, assert_same_weights, base_env, exporte
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 SHORT = ("train.max_steps=6", "eval.interval=3", "checkpoint.interval=3", "log.interval=1")
-LONG = ("train.max_steps=120", "eval.interval=1000", "checkpoint.interval=20", "log.interval=1")
+LONG = ("train.max_steps=120", "eval.interval=1000", "checkpoint.interval=20", "checkpoint.keep=10", "log.interval=1")
 KILL_AT = 30  # the node is lost after this step is logged: the last checkpoint is step 20 (or later)
 CONFIGS = {"ddp": "configs/job/ddp-cpu.json", "fsdp2": "configs/job/fsdp2-cpu.json",
            "zero2": "configs/job/default.json"}
-MULTI = dict(NPROC="1", LOCAL_ADDR="127.0.0.1", RDZV_CONF="last_call_timeout=1")
+MULTI = dict(NPROC="1", LOCAL_ADDR="127.0.0.1", RDZV_CONF="last_call_timeout=1,keep_alive_interval=1")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,11 +62,15 @@ class Cluster:
         return agent
 
     def two_nodes(self, args: list[str], nnodes: str = "2", **launch: str) -> tuple[Agent, Agent, int]:
-        """Node 0 first (it hosts the rendezvous: losing it ends the job), then node 1."""
+        """Node 0 first (it hosts the rendezvous: losing it ends the job), then node 1. Elastic (MIN:MAX):
+        the first round waits 5 s for more nodes (last_call_timeout) so that node 1, still starting, is in."""
         port = free_port()
-        a0 = self.start("node0", args, NNODES=nnodes, NODE_RANK="0", MASTER_PORT=str(port), **MULTI, **launch)
+        if ":" in nnodes:
+            launch.setdefault("RDZV_CONF", "last_call_timeout=5,keep_alive_interval=1")
+        launch = dict(MULTI, **launch)
+        a0 = self.start("node0", args, NNODES=nnodes, NODE_RANK="0", MASTER_PORT=str(port), **launch)
         wait_listening(port, a0)
-        a1 = self.start("node1", args, NNODES=nnodes, NODE_RANK="1", MASTER_PORT=str(port), **MULTI, **launch)
+        a1 = self.start("node1", args, NNODES=nnodes, NODE_RANK="1", MASTER_PORT=str(port), **launch)
         return a0, a1, port
 
     def close(self) -> None:
@@ -224,6 +228,7 @@ def lose_node(cluster: Cluster, out: Path, a0: Agent, a1: Agent) -> int:
     """SIGKILL node 1 (agent and workers) after step KILL_AT; returns the last checkpoint step then."""
     wait_for_step(out, KILL_AT, [a0, a1])
     assert set(a1.worker_ranks()) & {0, 1}, "node 1 has no worker to lose"
+    assert "(2 ranks, cpu" in a0.text() + a1.text() and "(1 rank," not in a0.text() + a1.text()
     a1.kill()
     return latest_step(out)
 
