@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.multinode import (ROOT, Agent, assert_same_weights, base_env, exported, free_port, job_args, kill_tagged,
+from tests.multinode import (ROOT, Agent, assert_same_weights, base_env, free_port, job_args, kill_tagged,
                              latest_step, train_losses, val_losses, wait_for_step, wait_listening, writers)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -87,10 +87,15 @@ def cluster(tmp_path):
         c.close()
 
 
-def one_node(tmp: Path, name: str, config: str, overrides, nproc: int = 2, extra=(), audit: Path | None = None) -> Path:
-    """The same job through launch/torchrun.sh on one node (--standalone) with `nproc` ranks."""
+def audit_of(out: Path) -> Path:
+    return out.parent / f"{out.name}.audit"
+
+
+def one_node(tmp: Path, name: str, config: str, overrides, nproc: int = 2, extra=()) -> Path:
+    """The same job through launch/torchrun.sh on one node (--standalone) with `nproc` ranks; its file
+    audit in audit_of(out_dir)."""
     out = tmp / name
-    c = Cluster(tmp / f"{name}-agent", audit)
+    c = Cluster(tmp / f"{name}-agent", audit_of(out))
     try:
         a = c.start("node", job_args(config, out, *overrides) + list(extra), NNODES="1", NPROC=str(nproc))
         assert a.wait(300) == 0, a.text()[-6000:]
@@ -130,11 +135,11 @@ def assert_complete_checkpoints(out: Path, steps: list[int]) -> None:
 
 # ------------------------------------------------------------------ 2 nodes == 1 node
 @pytest.mark.parametrize("name", ["ddp", "fsdp2", "zero2"])
-def test_two_nodes_equal_one_node(tmp_path, name):
+def test_two_nodes_equal_one_node(tmp_path, name, reference):
     """2 agents x 1 rank (c10d rendezvous, each agent in its own directory) == 1 agent x 2 ranks, bit for
     bit; every file under out_dir has a single writer rank; one process prints the progress."""
-    audit2, audit1 = tmp_path / "audit2", tmp_path / "audit1"
-    ref = one_node(tmp_path, "one", CONFIGS[name], SHORT, audit=audit1)
+    ref = reference(name, SHORT)
+    audit1, audit2 = audit_of(ref), tmp_path / "audit2"
     out = tmp_path / "two"
     c = Cluster(tmp_path / "agents", audit2)
     try:
@@ -289,12 +294,9 @@ close_process_group()
 """
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp2"])
-def test_elastic_shrink_continues_on_one_node(tmp_path, cluster, name):
-    """--nnodes 1:2, no replacement: node 0 goes on alone (world 2 -> 1) from the last checkpoint, keeping
-    the global batch (2 accumulation steps instead of 1); the rest of the run equals a 1-rank run resumed
-    from the same checkpoint, bit for bit."""
-    out = tmp_path / "run"
+def shrink(cluster: Cluster, out: Path, name: str) -> tuple[Agent, int]:
+    """2 nodes x 1 rank under --nnodes 1:2; node 1 is lost; node 0 must finish alone. Returns the
+    surviving agent and the step it resumed from."""
     a0, a1, _ = cluster.two_nodes(job_args(CONFIGS[name], out, *LONG), nnodes="1:2", MAX_RESTARTS="1")
     saved = lose_node(cluster, out, a0, a1)
     assert a0.wait(300) == 0, a0.text()[-6000:]
@@ -303,11 +305,31 @@ def test_elastic_shrink_continues_on_one_node(tmp_path, cluster, name):
     assert at >= saved >= 20
     after = log.split("resumed from")[1]
     assert f"{name} (1 rank, cpu, fp32)" in after
-    assert "global batch 16 = micro-batch 8 x 1 rank x 2 accumulation step(s)" in after
-    losses = train_losses(out)
-    assert sorted(losses) == list(range(1, 121))
+    assert "global batch 16 = micro-batch 8 x 1 rank x 2 accumulation step(s)" in after  # the global batch kept
+    assert sorted(train_losses(out)) == list(range(1, 121))
+    return a0, at
 
-    # the control: a copy of the checkpoint, resumed on one rank by an ordinary launch
+
+def test_elastic_shrink_ddp_equals_uninterrupted(tmp_path, cluster, reference):
+    """DDP, --nnodes 1:2, no replacement: node 0 goes on alone (world 2 -> 1, 2 accumulation steps instead
+    of 1 rank each) and ends bit-identical to the uninterrupted 2-rank run: (g0 + g1) / 2 is the same
+    number whether DDP averages it over ranks or accumulation sums the halves."""
+    out = tmp_path / "run"
+    shrink(cluster, out, "ddp")
+    assert_equal_runs(out, reference("ddp", LONG))
+
+
+def test_elastic_shrink_fsdp2_reshards_exactly(tmp_path, cluster):
+    """FSDP2, --nnodes 1:2, no replacement: node 0 continues alone from the 2-rank DCP checkpoint; the rest
+    of the run equals a 1-rank run resumed from a copy of that checkpoint, bit for bit, and the checkpoint
+    loaded on 1 rank and saved again is unchanged in every tensor (the optimizer state is exact). (Not
+    bit-identical to the uninterrupted run: the sharded norms, for clipping and for the optimizer's
+    ||m||, add their partial sums in another order on another world size.)"""
+    name = "fsdp2"
+    out = tmp_path / "run"
+    _, at = shrink(cluster, out, name)
+    losses = train_losses(out)
+
     ctl = tmp_path / "ctl"
     (ctl / "checkpoints").mkdir(parents=True)
     shutil.copytree(out / "checkpoints" / f"step_{at:06d}", ctl / "checkpoints" / f"step_{at:06d}")
@@ -317,21 +339,21 @@ def test_elastic_shrink_continues_on_one_node(tmp_path, cluster, name):
     assert {s: losses[s] for s in ctl_losses} == ctl_losses
     assert_same_weights(out, ctl)
 
-    if name == "fsdp2":  # the checkpoint of 2 ranks, loaded on 1 and saved again: every tensor unchanged
-        src = out / "checkpoints" / f"step_{at:06d}"
-        dst = tmp_path / "resaved"
-        env = dict(base_env(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_PORT=str(free_port()))
-        proc = subprocess.run([sys.executable, "-c", RESHARD, str(ROOT / CONFIGS[name]), str(src), str(dst),
-                               f"log.out_dir={tmp_path / 'unused'}"], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        a, b = dcp_tensors(src), dcp_tensors(dst)
-        assert a.keys() == b.keys() and any("exp_avg_sq" in k for k in a) and any(".z" in k for k in a)
-        for k in a:
-            if isinstance(a[k], torch.Tensor):
-                assert torch.equal(a[k], b[k]), k
-            else:
-                assert a[k] == b[k], k
+    # the checkpoint of 2 ranks, loaded on 1 and saved again: every tensor unchanged
+    src = out / "checkpoints" / f"step_{at:06d}"
+    dst = tmp_path / "resaved"
+    env = dict(base_env(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, "-c", RESHARD, str(ROOT / CONFIGS[name]), str(src), str(dst),
+                           f"log.out_dir={tmp_path / 'unused'}"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = dcp_tensors(src), dcp_tensors(dst)
+    assert a.keys() == b.keys() and any("exp_avg_sq" in k for k in a) and any(".z" in k for k in a)
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
 
 
 def test_deepspeed_refuses_another_world_size(tmp_path, cluster):

@@ -99,7 +99,8 @@ def run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool = False) -> d
             engine.step()
             step += 1
             # one small all-reduce: the loss for the log and the stop flag (a signal may reach one rank only)
-            flags = torch.stack([torch.stack(losses).mean().double(), torch.ones((), dtype=torch.float64,
+            # the mean in float64: (l0 + l1) / 2 is then the same number on 1 rank x 2 micro-batches as on 2 ranks
+            flags = torch.stack([torch.stack(losses).double().mean(), torch.ones((), dtype=torch.float64,
                                  device=env.device), torch.tensor(float(stop.signum > 0), dtype=torch.float64,
                                  device=env.device)]).to(env.device)
             dist.all_reduce(flags)
