@@ -104,17 +104,16 @@ def one_node(tmp: Path, name: str, config: str, overrides, nproc: int = 2, extra
     return out
 
 
-_REFS: dict = {}
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One-node runs shared by the tests of this module: reference(name, overrides) -> out_dir."""
+    """One-node runs (2 ranks) shared by the tests of this module: reference(name, overrides) -> out_dir."""
+    done: dict = {}
+
     def get(name: str, overrides) -> Path:
         key = (name, tuple(overrides))
-        if key not in _REFS:
-            _REFS[key] = one_node(tmp_path_factory.mktemp("ref"), name, CONFIGS[name], overrides)
-        return _REFS[key]
+        if key not in done:
+            done[key] = one_node(tmp_path_factory.mktemp("ref"), name, CONFIGS[name], overrides)
+        return done[key]
     return get
 
 
