@@ -4,8 +4,8 @@
 #
 #   launch/torchrun.sh                                   # 2 CPU ranks, the embedded default
 #   NPROC=8 launch/torchrun.sh --config configs/job/gpt-1.3b-gpu.json --data /data/owt
-#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 NPROC=8 launch/torchrun.sh --config ...   # on each node
-#   NNODES=1:2 MASTER_ADDR=node0 MAX_RESTARTS=3 launch/torchrun.sh --config ...      # elastic: 1 to 2 nodes
+#   NNODES=2 MASTER_ADDR=node0 LOCAL_ADDR=$(hostname) NPROC=8 launch/torchrun.sh --config ...   # on each node
+#   NNODES=1:2 MASTER_ADDR=node0 MAX_RESTARTS=3 launch/torchrun.sh --config ...   # elastic: 1 to 2 nodes
 #   MAX_RESTARTS=3 launch/torchrun.sh ...                # restart failed ranks from the last checkpoint
 #
 # Environment (defaults): NPROC (2) processes per node; NNODES (1; "MIN:MAX" for an elastic job);
@@ -16,7 +16,8 @@
 # a job, different for two jobs sharing a head node); RDZV_CONF (none; e.g. "join_timeout=900"
 # or "last_call_timeout=5,close_timeout=10"); LOCAL_ADDR (none: this node's address as the
 # others reach it; torchrun falls back to the host name); MAX_RESTARTS (0); PYTHON (python).
-# See docs/cluster.md.
+# Multi-node runs export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh worker store per rendezvous
+# round, so that a replacement node can join; set it to 0 to get torch's default). See docs/cluster.md.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"   # runs from a clone without pip install too
