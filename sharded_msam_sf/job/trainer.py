@@ -72,9 +72,10 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
         saved_world = state.get("world_size", env.world_size)
         if cfg.engine.name == "deepspeed" and saved_world != env.world_size:
             raise CheckpointError(
-                f"{resume_from} was written by {saved_world} ranks and this run has {env.world_size}: DeepSpeed "
-                "ZeRO checkpoints are tied to the world size (convert it with DeepSpeed's ds_to_universal.py "
-                "first, or run with the same number of ranks); DDP/FSDP checkpoints reshard freely")
+                f"{resume_from} was written by {saved_world} ranks and this run has {env.world_size}: resuming a "
+                "DeepSpeed checkpoint on another world size is not supported yet. Relaunch with the original "
+                f"world size ({saved_world} ranks), or train with engine.name fsdp2 or ddp, whose checkpoints "
+                "reshard to any world size")
         engine.load(resume_from)
         step = state["step"]
     record_run_id(plan.run_id, env.rank)
@@ -123,7 +124,8 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
             engine.step()
             step += 1
             # one small all-reduce: the loss for the log and the stop flag (a signal may reach one rank only)
-            flags = torch.stack([torch.stack(losses).mean().double(), torch.ones((), dtype=torch.float64,
+            # the mean in float64: (l0 + l1) / 2 is then the same number on 1 rank x 2 micro-batches as on 2 ranks
+            flags = torch.stack([torch.stack(losses).double().mean(), torch.ones((), dtype=torch.float64,
                                  device=env.device), torch.tensor(float(stop.signum > 0), dtype=torch.float64,
                                  device=env.device)]).to(env.device)
             dist.all_reduce(flags)
