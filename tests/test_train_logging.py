@@ -108,14 +108,29 @@ def _events(out_dir: Path) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
-def test_job_writes_the_scalars_to_tensorboard(tmp_path):
-    """One rank, 4 steps of configs/job/ddp-cpu.json: every scalar per step, matching metrics.jsonl."""
+def test_resume_purges_the_events_after_the_checkpoint(tmp_path):
+    from sharded_msam_sf.job.progress import TensorBoard
+    board = TensorBoard(True, tmp_path, 0)
+    for k in range(1, 6):  # a run that dies at step 5 after its checkpoint at step 3
+        board.scalars(k, {"train/loss": float(k), "val/loss": None})
+    board.close()
+    board = TensorBoard(True, tmp_path, 3)  # resumed at step 3
+    board.scalars(4, {"train/loss": 40.0})
+    board.close()
+    assert _events(tmp_path) == {"train/loss": {1: 1.0, 2: 2.0, 3: 3.0, 4: 40.0}}
+    assert TensorBoard(False, tmp_path / "off", 0).writer is None and not (tmp_path / "off").exists()
+
+
+@pytest.mark.parametrize("config", ["configs/job/ddp-cpu.json", "configs/job/zero1-cpu.json"])
+def test_job_writes_the_scalars_to_tensorboard(tmp_path, config):
+    """One rank, 4 steps: every scalar per step, matching metrics.jsonl (under DeepSpeed read
+    through the facade from the plain optimizer's param groups)."""
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS"):
         env.pop(var, None)
     proc = subprocess.run([sys.executable, "-m", "sharded_msam_sf.train", "--config",
-                           str(ROOT / "configs/job/ddp-cpu.json"), "--override", f"log.out_dir={out}",
+                           str(ROOT / config), "--override", f"log.out_dir={out}",
                            "--override", "train.max_steps=4", "--override", "eval.interval=2",
                            "--override", "log.interval=1", "--override", "log.progress=lines",
                            "--override", "log.tensorboard=true", "--override", "log.plot=false",
