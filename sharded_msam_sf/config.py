@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any, Dict, Literal, Mapping, Optional, Tuple
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation, field_validator, model_validator
 
 from . import hyperparams as H
 
@@ -75,21 +75,26 @@ def _d(key: str) -> str:
 
 class OptimizerParams(BaseModel):
     """The optimizer's hyperparameters; an absent key takes the optimizer's default."""
+    # The types are the JSON Schema's; the values are checked by hyperparams.check alone (SkipValidation),
+    # which also takes what a Python caller may pass (a tuple of betas, a 0-d tensor lr, a torch dtype).
     model_config = ConfigDict(extra="forbid")
 
-    lr: float = Field(H.DEFAULTS["lr"], description=_d("lr"))
-    betas: Tuple[float, float] = Field(H.DEFAULTS["betas"], description=_d("betas"))
-    eps: float = Field(H.DEFAULTS["eps"], description=_d("eps"))
-    weight_decay: float = Field(H.DEFAULTS["weight_decay"], description=_d("weight_decay"))
-    warmup_steps: int = Field(H.DEFAULTS["warmup_steps"], description=_d("warmup_steps"))
-    r: float = Field(H.DEFAULTS["r"], description=_d("r"))
-    weight_lr_power: float = Field(H.DEFAULTS["weight_lr_power"], description=_d("weight_lr_power"))
-    rho: Optional[float] = Field(H.DEFAULTS["rho"], description=_d("rho") + " (1.0 in one_pass, 0.05 in two_pass)")
-    ascent_beta: Optional[float] = Field(H.DEFAULTS["ascent_beta"], description=_d("ascent_beta"))
-    sam_mode: Literal[H.SAM_MODES] = Field(H.DEFAULTS["sam_mode"], description=_d("sam_mode"))
-    foreach: Optional[bool] = Field(H.DEFAULTS["foreach"], description=_d("foreach"))
-    fused: Optional[bool] = Field(H.DEFAULTS["fused"], description=_d("fused"))
-    state_dtype: Optional[Literal[tuple(_STATE_DTYPES)]] = Field(None, description=_d("state_dtype"))
+    lr: SkipValidation[float] = Field(H.DEFAULTS["lr"], description=_d("lr"))
+    betas: SkipValidation[Tuple[float, float]] = Field(H.DEFAULTS["betas"], description=_d("betas"))
+    eps: SkipValidation[float] = Field(H.DEFAULTS["eps"], description=_d("eps"))
+    weight_decay: SkipValidation[float] = Field(H.DEFAULTS["weight_decay"], description=_d("weight_decay"))
+    warmup_steps: SkipValidation[int] = Field(H.DEFAULTS["warmup_steps"], description=_d("warmup_steps"))
+    r: SkipValidation[float] = Field(H.DEFAULTS["r"], description=_d("r"))
+    weight_lr_power: SkipValidation[float] = Field(H.DEFAULTS["weight_lr_power"],
+                                                   description=_d("weight_lr_power"))
+    rho: SkipValidation[Optional[float]] = Field(H.DEFAULTS["rho"],
+                                                 description=_d("rho") + " (1.0 in one_pass, 0.05 in two_pass)")
+    ascent_beta: SkipValidation[Optional[float]] = Field(H.DEFAULTS["ascent_beta"], description=_d("ascent_beta"))
+    sam_mode: SkipValidation[Literal[H.SAM_MODES]] = Field(H.DEFAULTS["sam_mode"], description=_d("sam_mode"))
+    foreach: SkipValidation[Optional[bool]] = Field(H.DEFAULTS["foreach"], description=_d("foreach"))
+    fused: SkipValidation[Optional[bool]] = Field(H.DEFAULTS["fused"], description=_d("fused"))
+    state_dtype: SkipValidation[Optional[Literal[tuple(_STATE_DTYPES)]]] = Field(None,
+                                                                                 description=_d("state_dtype"))
 
     @field_validator("*", mode="before")
     @classmethod
@@ -103,11 +108,9 @@ class OptimizerParams(BaseModel):
 
     def kwargs(self) -> Dict[str, Any]:
         """The optimizer's keyword arguments: the keys given, as Python values (betas a tuple, a torch dtype)."""
-        out = {k: getattr(self, k) for k in OPTIMIZER_PARAMS if k in self.model_fields_set}
+        out = {k: _from_json(k, getattr(self, k)) for k in OPTIMIZER_PARAMS if k in self.model_fields_set}
         if "betas" in out:
             out["betas"] = tuple(float(b) for b in out["betas"])
-        if out.get("state_dtype") is not None:
-            out["state_dtype"] = _from_json("state_dtype", out["state_dtype"])
         return out
 
     @model_validator(mode="after")
