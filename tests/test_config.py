@@ -92,7 +92,7 @@ def test_python_values_pass_as_the_optimizer_takes_them():
     kw = optimizer_kwargs_from_config({"type": "AdamWMSAMScheduleFree",
                                        "params": {"lr": torch.tensor(0.01), "betas": (0.9, 0.95),
                                                   "state_dtype": torch.bfloat16}})
-    assert kw["betas"] == (0.9, 0.95) and kw["state_dtype"] is torch.bfloat16 and float(kw["lr"]) == 0.01
+    assert kw["betas"] == (0.9, 0.95) and kw["state_dtype"] is torch.bfloat16 and float(kw["lr"]) == pytest.approx(0.01)
     with pytest.raises(ConfigError, match=r"^optimizer\.params\.state_dtype: invalid value"):
         optimizer_kwargs_from_config({"type": "AdamWMSAMScheduleFree", "params": {"state_dtype": torch.float16}})
 
