@@ -1,4 +1,4 @@
-"""The JSON schema of our optimizer section in a DeepSpeed-style config.
+"""The JSON schema of our optimizer section in a DeepSpeed-style config (pydantic models).
 
 A DeepSpeed config names the optimizer like this (every ``params`` key optional,
 defaults as :class:`~sharded_msam_sf.AdamWMSAMScheduleFree`)::
@@ -11,18 +11,25 @@ defaults as :class:`~sharded_msam_sf.AdamWMSAMScheduleFree`)::
                  "fused": null, "state_dtype": null}
     }
 
-:func:`optimizer_kwargs_from_config` checks the section and returns the keyword
-arguments of the optimizer; every error is a :class:`ConfigError` (a ``ValueError``)
-whose message starts with the key, e.g.
+:class:`OptimizerSection` is the schema (``OptimizerSection.model_json_schema()``);
+every value goes through :func:`sharded_msam_sf.hyperparams.check` and the keys together
+through :func:`~sharded_msam_sf.hyperparams.validate`, the validator the optimizer and
+the reference use. :func:`optimizer_kwargs_from_config` checks a section and returns
+the keyword arguments of the optimizer; every error is a :class:`ConfigError` (a
+``ValueError``) whose message starts with the key, e.g.
 ``optimizer.params.rhoo: unknown key (valid: lr, betas, ...)``.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation, field_validator, model_validator
 
 from . import hyperparams as H
 
-__all__ = ["ConfigError", "OPTIMIZER_TYPE", "OPTIMIZER_PARAMS", "is_our_optimizer", "optimizer_kwargs_from_config"]
+__all__ = ["ConfigError", "OPTIMIZER_TYPE", "OPTIMIZER_PARAMS", "OptimizerParams", "OptimizerSection",
+           "is_our_optimizer", "optimizer_kwargs_from_config"]
 
 OPTIMIZER_TYPE = "AdamWMSAMScheduleFree"
 # accepted spellings of the type (compared case-insensitively, '_' and '-' ignored)
@@ -46,7 +53,10 @@ OPTIMIZER_PARAMS: Dict[str, str] = {
 }
 assert tuple(OPTIMIZER_PARAMS) == tuple(H.DEFAULTS), "config.OPTIMIZER_PARAMS must list hyperparams.DEFAULTS"
 _STATE_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
-_SECTION_KEYS = ("type", "params")
+
+
+class ConfigError(ValueError):
+    """A bad optimizer section; the message starts with the offending key."""
 
 
 def _from_json(key: str, value: Any) -> Any:
@@ -59,8 +69,57 @@ def _from_json(key: str, value: Any) -> Any:
     return value
 
 
-class ConfigError(ValueError):
-    """A bad optimizer section; the message starts with the offending key."""
+def _d(key: str) -> str:
+    return f"{OPTIMIZER_PARAMS[key]}; default {H.DEFAULTS[key]!r}".replace("None", "null")
+
+
+class OptimizerParams(BaseModel):
+    """The optimizer's hyperparameters; an absent key takes the optimizer's default."""
+    # The types are the JSON Schema's; the values are checked by hyperparams.check alone (SkipValidation),
+    # which also takes what a Python caller may pass (a tuple of betas, a 0-d tensor lr, a torch dtype).
+    model_config = ConfigDict(extra="forbid")
+
+    lr: SkipValidation[float] = Field(H.DEFAULTS["lr"], description=_d("lr"))
+    betas: SkipValidation[Tuple[float, float]] = Field(H.DEFAULTS["betas"], description=_d("betas"))
+    eps: SkipValidation[float] = Field(H.DEFAULTS["eps"], description=_d("eps"))
+    weight_decay: SkipValidation[float] = Field(H.DEFAULTS["weight_decay"], description=_d("weight_decay"))
+    warmup_steps: SkipValidation[int] = Field(H.DEFAULTS["warmup_steps"], description=_d("warmup_steps"))
+    r: SkipValidation[float] = Field(H.DEFAULTS["r"], description=_d("r"))
+    weight_lr_power: SkipValidation[float] = Field(H.DEFAULTS["weight_lr_power"],
+                                                   description=_d("weight_lr_power"))
+    rho: SkipValidation[Optional[float]] = Field(H.DEFAULTS["rho"],
+                                                 description=_d("rho") + " (1.0 in one_pass, 0.05 in two_pass)")
+    ascent_beta: SkipValidation[Optional[float]] = Field(H.DEFAULTS["ascent_beta"], description=_d("ascent_beta"))
+    sam_mode: SkipValidation[Literal[H.SAM_MODES]] = Field(H.DEFAULTS["sam_mode"], description=_d("sam_mode"))
+    foreach: SkipValidation[Optional[bool]] = Field(H.DEFAULTS["foreach"], description=_d("foreach"))
+    fused: SkipValidation[Optional[bool]] = Field(H.DEFAULTS["fused"], description=_d("fused"))
+    state_dtype: SkipValidation[Optional[Literal[tuple(_STATE_DTYPES)]]] = Field(None,
+                                                                                 description=_d("state_dtype"))
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _check(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        """Every value through hyperparams.check: what the optimizer refuses, the config refuses."""
+        try:
+            H.check(info.field_name, _from_json(info.field_name, value))
+        except H.InvalidHyperparameter:
+            raise ConfigError(f"invalid value {value!r} (valid: {OPTIMIZER_PARAMS[info.field_name]})") from None
+        return value
+
+    def kwargs(self) -> Dict[str, Any]:
+        """The optimizer's keyword arguments: the keys given, as Python values (betas a tuple, a torch dtype)."""
+        out = {k: _from_json(k, getattr(self, k)) for k in OPTIMIZER_PARAMS if k in self.model_fields_set}
+        if "betas" in out:
+            out["betas"] = tuple(float(b) for b in out["betas"])
+        return out
+
+    @model_validator(mode="after")
+    def _together(self) -> "OptimizerParams":
+        try:  # the rules between keys (fused and foreach)
+            H.validate(self.kwargs())
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return self
 
 
 def _norm_type(name: str) -> str:
@@ -73,6 +132,47 @@ def is_our_optimizer(section: Any) -> bool:
             and _norm_type(section["type"]) in _TYPE_ALIASES)
 
 
+class OptimizerSection(BaseModel):
+    """``{"type": "AdamWMSAMScheduleFree", "params": {...}}``."""
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(description=f"\"{OPTIMIZER_TYPE}\" (case, '_' and '-' are ignored)",
+                      json_schema_extra={"examples": [OPTIMIZER_TYPE]})
+    params: OptimizerParams = Field(default_factory=OptimizerParams)
+
+    @field_validator("type")
+    @classmethod
+    def _ours(cls, value: str) -> str:
+        if not is_our_optimizer({"type": value}):
+            raise ConfigError(f"{value!r} is not {OPTIMIZER_TYPE!r} (other optimizers go to DeepSpeed's own "
+                              "config handling)")
+        return value
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
+def _message(err: dict, prefix: str) -> str:
+    """One pydantic error as '<key>: <what is wrong>', the key with the section's prefix."""
+    key = ".".join([prefix, *map(str, err["loc"])])
+    exc = (err.get("ctx") or {}).get("error")
+    if isinstance(exc, ConfigError):
+        return f"{key}: {exc}"
+    kind, value = err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        model = OptimizerParams if len(err["loc"]) > 1 else OptimizerSection
+        return f"{key}: unknown key (valid: {', '.join(model.model_fields)})"
+    if kind == "missing" and err["loc"] == ("type",):
+        return f"{key}: missing (set \"type\": \"{OPTIMIZER_TYPE}\")"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        hint = f" {{\"type\": \"{OPTIMIZER_TYPE}\", \"params\": {{...}}}}" if not err["loc"] else ""
+        return f"{key}: must be a JSON object{hint}, got {type(value).__name__}"
+    msg = err["msg"]
+    return f"{key}: {msg[:1].lower()}{msg[1:]}, got {value!r}"
+
+
 def optimizer_kwargs_from_config(section: Mapping[str, Any], prefix: str = "optimizer") -> Dict[str, Any]:
     """Validate ``{"type": "AdamWMSAMScheduleFree", "params": {...}}``; return the optimizer kwargs.
 
@@ -81,36 +181,7 @@ def optimizer_kwargs_from_config(section: Mapping[str, Any], prefix: str = "opti
     value. ``betas`` is returned as a tuple; absent keys are left to the optimizer's
     defaults.
     """
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"{prefix}: must be a JSON object {{\"type\": \"{OPTIMIZER_TYPE}\", \"params\": {{...}}}}, "
-                          f"got {type(section).__name__}")
-    unknown = [k for k in section if k not in _SECTION_KEYS]
-    if unknown:
-        raise ConfigError(f"{prefix}.{unknown[0]}: unknown key (valid: {', '.join(_SECTION_KEYS)})")
-    if "type" not in section:
-        raise ConfigError(f"{prefix}.type: missing (set \"type\": \"{OPTIMIZER_TYPE}\")")
-    if not is_our_optimizer(section):
-        raise ConfigError(f"{prefix}.type: {section['type']!r} is not {OPTIMIZER_TYPE!r} "
-                          f"(other optimizers go to DeepSpeed's own config handling)")
-    params = section.get("params", {})
-    if params is None:
-        params = {}
-    if not isinstance(params, Mapping):
-        raise ConfigError(f"{prefix}.params: must be a JSON object, got {type(params).__name__}")
-    kwargs: Dict[str, Any] = {}
-    for key, value in params.items():
-        if key not in OPTIMIZER_PARAMS:
-            raise ConfigError(f"{prefix}.params.{key}: unknown key (valid: {', '.join(OPTIMIZER_PARAMS)})")
-        converted = _from_json(key, value)
-        try:
-            H.check(key, converted)
-        except H.InvalidHyperparameter:
-            raise ConfigError(f"{prefix}.params.{key}: invalid value {value!r} (valid: {OPTIMIZER_PARAMS[key]})") from None
-        if key == "betas":
-            converted = tuple(float(b) for b in converted)
-        kwargs[key] = converted
     try:
-        H.validate(kwargs)
-    except ValueError as e:  # the rules between keys (fused and foreach)
-        raise ConfigError(f"{prefix}.params: {e}") from None
-    return kwargs
+        return OptimizerSection.model_validate(section).params.kwargs()
+    except pydantic.ValidationError as e:
+        raise ConfigError("; ".join(_message(err, prefix) for err in e.errors())) from None

@@ -23,7 +23,8 @@ Also started by launch/deepspeed.sh, launch/mpirun.sh and launch/slurm.sbatch. O
 ``--override section.key=value`` (repeatable; the value is JSON or a string),
 ``--data PATH`` (a uint16/uint32 token file, or a directory with train.bin/val.bin),
 ``--resume [PATH]`` (require a checkpoint; by default a run resumes if its out_dir has
-one), ``--dry-run`` (validate, build, print, exit). Only rank 0 logs and writes files
+one), ``--dry-run`` (validate, build, print, exit), ``--print-schema`` (the config's JSON
+Schema, as docs/job-config.schema.json). Only rank 0 logs and writes files
 other than sharded checkpoints. Exit status: 0 done, 1 a checkpoint or run-directory error (a
 checkpoint that fails verification, another job on the out_dir, a full disk, ...), 2 bad config
 (before any process group starts), 3 stopped after train.max_skipped_steps consecutive non-finite
@@ -69,11 +70,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", nargs="?", const="must", metavar="PATH",
                    help="resume from the latest checkpoint in out_dir (error if none) or from PATH")
     p.add_argument("--dry-run", action="store_true", help="validate the config, build everything, exit")
+    p.add_argument("--print-schema", action="store_true",
+                   help="write the config's JSON Schema to stdout and exit (docs/job-config.schema.json)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.print_schema:
+        import json
+
+        from .job.config import json_schema
+        print(json.dumps(json_schema(), indent=2))
+        return 0
     overrides = list(args.override) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     try:  # every config error surfaces here, before any process group starts
         cfg = load_config(args.config or default_config_path(), overrides, data_path=args.data)

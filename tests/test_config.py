@@ -84,3 +84,22 @@ def test_config_uses_the_optimizers_validator(params, key):
     with pytest.raises(ValueError, match="Invalid"):
         AdamWMSAMScheduleFree([torch.nn.Parameter(torch.zeros(3))], **{k: tuple(v) if isinstance(v, list) else v
                                                                      for k, v in params.items()})
+
+
+def test_python_values_pass_as_the_optimizer_takes_them():
+    """A config dict built in Python may hold what the optimizer accepts beyond JSON (a tuple of betas,
+    a 0-d tensor lr, a torch dtype): the schema's types do not refuse them, hyperparams.check decides."""
+    kw = optimizer_kwargs_from_config({"type": "AdamWMSAMScheduleFree",
+                                       "params": {"lr": torch.tensor(0.01), "betas": (0.9, 0.95),
+                                                  "state_dtype": torch.bfloat16}})
+    assert kw["betas"] == (0.9, 0.95) and kw["state_dtype"] is torch.bfloat16 and float(kw["lr"]) == pytest.approx(0.01)
+    with pytest.raises(ConfigError, match=r"^optimizer\.params\.state_dtype: invalid value"):
+        optimizer_kwargs_from_config({"type": "AdamWMSAMScheduleFree", "params": {"state_dtype": torch.float16}})
+
+
+def test_schema_of_the_section():
+    from sharded_msam_sf.config import OPTIMIZER_PARAMS, OptimizerSection
+    schema = OptimizerSection.model_json_schema()
+    params = schema["$defs"]["OptimizerParams"]
+    assert list(params["properties"]) == list(OPTIMIZER_PARAMS) and params["additionalProperties"] is False
+    assert params["properties"]["betas"]["type"] == "array" and params["properties"]["lr"]["type"] == "number"

@@ -305,3 +305,63 @@ def test_cli_refuses_before_any_process_group(tmp_path, override, message):
                            "--config", str(ROOT / "configs/job/ddp-cpu.json"), "--override", override.format(file=tmp_path / "file", shared=tmp_path / "shared")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------ the JSON Schema (issue 17)
+def test_shipped_schema_is_the_generated_one():
+    """docs/job-config.schema.json is what --print-schema writes; regenerate it with
+    `python -m sharded_msam_sf.train --print-schema > docs/job-config.schema.json`."""
+    proc = subprocess.run([sys.executable, "-m", "sharded_msam_sf.train", "--print-schema"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == json.loads((ROOT / "docs/job-config.schema.json").read_text())
+
+
+def _schema_keys(schema: dict, node: dict, prefix: str = "") -> set:
+    """Every key path the schema describes (following $ref into $defs)."""
+    if "$ref" in node:
+        node = schema["$defs"][node["$ref"].rsplit("/", 1)[1]]
+    out = set()
+    for k, sub in node.get("properties", {}).items():
+        out.add(prefix + k)
+        out |= _schema_keys(schema, sub, f"{prefix}{k}.")
+    return out
+
+
+def test_schema_describes_every_key_of_the_shipped_configs():
+    from sharded_msam_sf.job.config import json_schema
+    schema = json_schema()
+    keys = _schema_keys(schema, schema)
+    assert {"train.grad_clip", "log.tensorboard", "optimizer.type", "optimizer.params.rho",
+            "engine.deepspeed"} <= keys
+
+    def paths(d, prefix=""):
+        for k, v in d.items():
+            yield prefix + k
+            if isinstance(v, dict) and prefix + k != "engine.deepspeed":
+                yield from paths(v, f"{prefix}{k}.")
+    for path in JOB_CONFIGS:
+        missing = set(paths(json.loads(path.read_text()))) - keys
+        assert not missing, (path.name, missing)
+    assert schema["$defs"]["TrainConfig"]["additionalProperties"] is False  # unknown keys are errors
+    assert schema["$defs"]["OptimizerParams"]["properties"]["sam_mode"]["enum"] == ["one_pass", "two_pass"]
+
+
+def test_config_reads_as_attributes_and_dumps_to_plain_json(tmp_path):
+    cfg = load_config(None, ["optimizer.params.betas=[0.9, 0.95]", "engine.name=fsdp2"], world_size=2)
+    assert isinstance(cfg, JobConfig)
+    assert GPTConfig(**vars(cfg.model)) == GPTConfig()
+    d = cfg.to_dict()
+    assert json.loads(json.dumps(d)) == d  # what a checkpoint stores
+    assert d["optimizer"] == {"type": "AdamWMSAMScheduleFree", "params": {"betas": [0.9, 0.95]}}
+    assert d["engine"]["name"] == "fsdp2" and "world_size" not in d and "grad_accum" not in d
+    assert cfg.optimizer_kwargs == {"betas": (0.9, 0.95)}
+    assert isinstance(cfg.log.tensorboard, bool)
+
+
+def test_every_error_is_reported_with_its_key(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.dropout=1.5", "train.seed=-1", "eval.batches=0"], world_size=1)
+    msg = str(err.value)
+    assert "'model.dropout'" in msg and "1.5" in msg and "less than 1" in msg
+    assert "'train.seed'" in msg and "'eval.batches'" in msg

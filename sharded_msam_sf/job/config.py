@@ -1,121 +1,32 @@
-"""The main job's JSON schema: typed dataclasses, validated before any process group starts.
+"""The main job's JSON schema: pydantic models, validated before any process group starts.
 
 A config file is a JSON object with the sections below; every key is optional and
 unknown keys are errors. `--override section.key=value` (value parsed as JSON, or
 taken as a string) changes one key. The optimizer section has the DeepSpeed-config
 schema of `sharded_msam_sf.config` ({"type": "AdamWMSAMScheduleFree", "params": {...}}).
+Types are strict (no "10" for 10, no true for 1; an integer is accepted for a float).
+`python -m sharded_msam_sf.train --print-schema` writes the JSON Schema (docs/job-config.schema.json).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-ENGINES = ("ddp", "fsdp2", "fsdp1", "deepspeed")
-
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic.functional_validators import BeforeValidator
+from pydantic.json_schema import WithJsonSchema
+from typing_extensions import Annotated
 
 from sharded_msam_sf.config import ConfigError as _OptimizerConfigError
+from sharded_msam_sf.config import OptimizerSection, optimizer_kwargs_from_config
 
-from .model import GPTConfig as ModelConfig  # the "model" section is the GPT's own config
+from .model import GPTConfig
 
-
-class ConfigError(_OptimizerConfigError):
-    """A bad job config (a ValueError); the message names the key."""
-
-
-@dataclass
-class EngineConfig:
-    name: str = "ddp"  # ddp | fsdp2 | fsdp1 | deepspeed
-    zero_stage: int = 2  # deepspeed only: 1, 2 or 3
-    dtype: str = "fp32"  # fp32 | bf16 | fp16 (fp16: deepspeed only)
-    device: str = "auto"  # auto | cpu | cuda
-    backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | gloo | nccl | mpi
-    activation_checkpointing: bool = False
-    deepspeed: dict = field(default_factory=dict)  # extra keys merged into the DeepSpeed config
-
-
-@dataclass
-class DataConfig:
-    path: Optional[str] = None  # None: the embedded corpus; else a token file or a dir with train.bin/val.bin
-    val_path: Optional[str] = None  # a separate validation token file
-    dtype: str = "uint16"  # uint16 | uint32 (token files only)
-    val_fraction: float = 0.1  # held-out share when there is no separate validation file
-    corpus_max_bytes: int = 4_000_000  # embedded corpus: bytes of stdlib source read at most
-
-
-@dataclass
-class TrainConfig:
-    global_batch_size: int = 16  # sequences per optimizer step, independent of the world size
-    micro_batch_size: int = 8  # sequences per rank per forward
-    max_steps: int = 200
-    grad_clip: float = 1.0  # 0 disables
-    seed: int = 1234  # 0 .. 2**32 - 1
-    max_skipped_steps: int = 100  # consecutive non-finite (skipped) steps that stop the job; 0: no limit
-
-
-@dataclass
-class EvalConfig:
-    interval: int = 50  # steps; 0: only at the end
-    batches: int = 8  # validation micro-batches in total (a fixed set, shared out over the ranks)
-
-
-@dataclass
-class CheckpointConfig:
-    interval: int = 100  # steps; 0: only at the end and on SIGTERM/SIGINT
-    keep: int = 2  # newest checkpoints kept
-    resume: str = "auto"  # auto (resume if out_dir has one) | never | must | a checkpoint path
-    export: bool = True  # write eval-mode (x) weights to out_dir/export/model.pt at the end
-
-
-@dataclass
-class LogConfig:
-    out_dir: str = "runs/default"
-    interval: int = 10  # steps between progress lines / metrics records
-    progress: str = "auto"  # auto (a bar on a TTY, lines otherwise) | bar | lines | none
-    plot: bool = True
-
-
-@dataclass
-class JobConfig:
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optimizer: dict = field(default_factory=lambda: {"type": "AdamWMSAMScheduleFree", "params": {}})
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-
-    # derived, filled by validate()
-    world_size: int = field(default=1, repr=False)
-    grad_accum: int = field(default=1, repr=False)
-    optimizer_kwargs: dict = field(default_factory=dict, repr=False)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k in ("world_size", "grad_accum", "optimizer_kwargs"):
-            d.pop(k)
-        return d
-
-
-_CHOICES = {
-    "engine.name": ENGINES,
-    "engine.zero_stage": (1, 2, 3),
-    "engine.dtype": ("fp32", "bf16", "fp16"),
-    "engine.device": ("auto", "cpu", "cuda"),
-    "engine.backend": ("auto", "gloo", "nccl", "mpi"),
-    "data.dtype": ("uint16", "uint32"),
-    "log.progress": ("auto", "bar", "lines", "none"),
-}
-_POSITIVE = {"model.vocab_size", "model.block_size", "model.n_layer", "model.n_head", "model.n_embd",
-             "data.corpus_max_bytes", "train.global_batch_size", "train.micro_batch_size",
-             "train.max_steps", "eval.batches", "checkpoint.keep", "log.interval"}
-_NON_NEGATIVE = {"train.grad_clip", "eval.interval", "checkpoint.interval", "train.max_skipped_steps"}
+ENGINES = ("ddp", "fsdp2", "fsdp1", "deepspeed")
 MAX_SEED = 2 ** 32 - 1
 # keys of the generated DeepSpeed config that the job owns: engine.deepspeed may not change them
 _DEEPSPEED_OWNED = {
@@ -130,47 +41,286 @@ _DEEPSPEED_OWNED = {
 }
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+class ConfigError(_OptimizerConfigError):
+    """A bad job config (a ValueError); the message names the key."""
 
 
-def _coerce(key: str, value: Any, tp) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted for floats."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        tp = next(a for a in args if a is not type(None))
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-        dict: isinstance(value, dict),
-    }[tp]
-    if not ok:
-        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    return float(value) if tp is float else value
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
 
-def _build(cls, data: Any, prefix: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix}' must be a JSON object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.repr}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known keys in "
-                          f"'{prefix.rstrip('.') or 'top level'}': {', '.join(sorted(fields))})")
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(prefix + name, value, tp)
-    return cls(**kwargs)
+class EngineConfig(_Section):
+    name: Literal[ENGINES] = "ddp"
+    """the data-parallel engine"""
+    zero_stage: int = Field(2, ge=1, le=3)
+    """deepspeed only: ZeRO stage 1, 2 or 3"""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """parameter/compute dtype (fp16: deepspeed only, it needs a loss scaler)"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["auto", "gloo", "nccl", "mpi"] = "auto"
+    """auto: nccl on cuda, gloo on cpu"""
+    activation_checkpointing: bool = False
+    deepspeed: dict = Field(default_factory=dict)
+    """extra keys merged into the generated DeepSpeed config (not those the job sets: optimizer, batch sizes,
+    gradient_clipping, zero_optimization.stage, bf16/fp16.enabled)"""
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _not_job_owned(cls, ds: dict) -> dict:
+        """Another optimizer there would train with it while the job drives AdamWMSAMScheduleFree's modes."""
+        for key, owner in _DEEPSPEED_OWNED.items():
+            node, parts = ds, key.split(".")
+            for part in parts[:-1]:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and parts[-1] in node:
+                raise ConfigError(f"config key 'engine.deepspeed.{key}' is set by the job from {owner}; "
+                                  f"remove it from engine.deepspeed (got {node[parts[-1]]!r})")
+        return ds
+
+    @model_validator(mode="after")
+    def _fp16(self) -> "EngineConfig":
+        if self.dtype == "fp16" and self.name != "deepspeed":
+            raise ConfigError("config key 'engine.dtype': fp16 needs a loss scaler; use bf16, or engine.name=deepspeed")
+        return self
+
+
+_G = GPTConfig()
+
+
+class ModelConfig(_Section):
+    """The GPT's own config (sharded_msam_sf.job.model.GPTConfig): vars(cfg.model) builds it."""
+    vocab_size: int = Field(_G.vocab_size, gt=0)
+    """>= 256 with the embedded byte-level corpus"""
+    block_size: int = Field(_G.block_size, gt=0)
+    """sequence length"""
+    n_layer: int = Field(_G.n_layer, gt=0)
+    n_head: int = Field(_G.n_head, gt=0)
+    n_embd: int = Field(_G.n_embd, gt=0)
+    """a multiple of n_head"""
+    dropout: float = Field(_G.dropout, ge=0, lt=1)
+    bias: bool = _G.bias
+
+    @model_validator(mode="after")
+    def _heads(self) -> "ModelConfig":
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"config key 'model.n_embd' ({self.n_embd}) must be divisible by "
+                              f"'model.n_head' ({self.n_head})")
+        return self
+
+
+class DataConfig(_Section):
+    path: Optional[str] = None
+    """null: the embedded corpus (stdlib source, bytes); else a token file or a dir with train.bin/val.bin"""
+    val_path: Optional[str] = None
+    """a separate validation token file"""
+    dtype: Literal["uint16", "uint32"] = "uint16"
+    """token files only"""
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    """held-out share when there is no separate validation file"""
+    corpus_max_bytes: int = Field(4_000_000, gt=0)
+    """embedded corpus: bytes of stdlib source read at most"""
+
+    @field_validator("path", "val_path")
+    @classmethod
+    def _exists(cls, p: Optional[str], info: pydantic.ValidationInfo) -> Optional[str]:
+        if p is not None and not Path(p).exists():
+            raise ConfigError(f"config key 'data.{info.field_name}': data file not found: {p}")
+        if p is not None and info.field_name == "path" and Path(p).is_dir() and not (Path(p) / "train.bin").is_file():
+            raise ConfigError(f"config key 'data.path': directory {p} has no train.bin")
+        return p
+
+
+class TrainConfig(_Section):
+    global_batch_size: int = Field(16, gt=0)
+    """sequences per optimizer step, independent of the world size"""
+    micro_batch_size: int = Field(8, gt=0)
+    """sequences per rank per forward; global = micro x world size x accumulation steps"""
+    max_steps: int = Field(200, gt=0)
+    grad_clip: float = 1.0
+    """gradient-norm clipping, a finite number >= 0; 0 disables"""
+    seed: int = 1234
+    """0 .. 2**32 - 1"""
+    max_skipped_steps: int = Field(100, ge=0)
+    """consecutive non-finite (skipped) steps that stop the job (exit 3); 0: no limit"""
+
+    @field_validator("grad_clip")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not (math.isfinite(v) and v >= 0):
+            raise ConfigError(f"config key 'train.grad_clip' must be a finite number >= 0 (0 disables clipping), "
+                              f"got {v!r}")
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        if not 0 <= v <= MAX_SEED:
+            raise ConfigError(f"config key 'train.seed' must be in [0, 2**32 - 1] (torch and numpy seeds), got {v}")
+        return v
+
+
+class EvalConfig(_Section):
+    interval: int = Field(50, ge=0)
+    """steps; 0: only at the end"""
+    batches: int = Field(8, gt=0)
+    """validation micro-batches in total (a fixed set, shared out over the ranks)"""
+
+
+class CheckpointConfig(_Section):
+    interval: int = Field(100, ge=0)
+    """steps; 0: only at the end and on SIGTERM/SIGINT"""
+    keep: int = Field(2, gt=0)
+    """newest checkpoints kept (plus the newest healthy one)"""
+    resume: str = "auto"
+    """auto (resume if out_dir has one) | never | must | a checkpoint path"""
+    export: bool = True
+    """write eval-mode (x) weights to out_dir/export at the end"""
+
+    @field_validator("resume")
+    @classmethod
+    def _resume(cls, r: str) -> str:
+        if r not in ("auto", "never", "must") and not Path(r).exists():
+            raise ConfigError(f"config key 'checkpoint.resume': checkpoint not found: {r}")
+        return r
+
+
+def _tensorboard_installed() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+class LogConfig(_Section):
+    out_dir: str = "runs/default"
+    interval: int = Field(10, gt=0)
+    """steps between progress lines / metrics records"""
+    progress: Literal["auto", "bar", "lines", "none"] = "auto"
+    """auto: a tqdm bar on a TTY, lines otherwise (rank 0, stderr)"""
+    plot: bool = True
+    """loss.png at the end (needs matplotlib)"""
+    tensorboard: Optional[bool] = Field(None, validate_default=True)
+    """TensorBoard event files in out_dir/tensorboard; null: on when the tensorboard package is installed"""
+
+    @field_validator("out_dir")
+    @classmethod
+    def _a_dir(cls, d: str) -> str:
+        out = Path(d)
+        for p in (out, *out.parents):
+            if p.exists() and not p.is_dir():
+                raise ConfigError(f"config key 'log.out_dir': {p} is a file, not a directory")
+            if p.exists():
+                break
+        return d
+
+    @field_validator("tensorboard")
+    @classmethod
+    def _installed(cls, on: Optional[bool]) -> bool:
+        if on and not _tensorboard_installed():
+            raise ConfigError("config key 'log.tensorboard': true needs the tensorboard package "
+                              "(pip install 'sharded_msam_sf[tensorboard]'), or set it to false")
+        return _tensorboard_installed() if on is None else on
+
+
+def _optimizer_section(section: Any) -> Any:
+    """The optimizer section stays the dict DeepSpeed reads, checked by sharded_msam_sf.config's model."""
+    try:
+        optimizer_kwargs_from_config(section)
+    except _OptimizerConfigError as e:
+        raise ConfigError(str(e)) from None
+    return section
+
+
+class JobConfig(_Section):
+    """The main job's config (python -m sharded_msam_sf.train --config FILE)."""
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optimizer: Annotated[dict, BeforeValidator(_optimizer_section),
+                         WithJsonSchema({"type": "object"})] = Field(
+        default_factory=lambda: {"type": "AdamWMSAMScheduleFree", "params": {}})
+    """the DeepSpeed-style optimizer section (sharded_msam_sf.config); "type" may be left out"""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    # derived from the world size (the validation context) by _batch_split
+    _world_size: int = PrivateAttr(1)
+    _grad_accum: int = PrivateAttr(1)
+    _optimizer_kwargs: dict = PrivateAttr(default_factory=dict)
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches per rank per optimizer step."""
+        return self._grad_accum
+
+    @property
+    def optimizer_kwargs(self) -> dict:
+        """The optimizer's keyword arguments from the optimizer section."""
+        return self._optimizer_kwargs
+
+    def to_dict(self) -> dict:
+        return self.model_dump()
+
+    @model_validator(mode="after")
+    def _batch_split(self, info: pydantic.ValidationInfo) -> "JobConfig":
+        if self.data.path is None and self.model.vocab_size < 256:
+            raise ConfigError(f"config key 'model.vocab_size' must be >= 256 for the embedded byte-level "
+                              f"corpus, got {self.model.vocab_size}")
+        world_size = (info.context or {}).get("world_size", 1)
+        t = self.train
+        if world_size < 1:
+            raise ConfigError(f"world size must be >= 1, got {world_size}")
+        per_step = t.micro_batch_size * world_size  # global = micro * world * accumulation
+        if t.global_batch_size % per_step:
+            raise ConfigError(
+                f"config key 'train.global_batch_size' ({t.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({t.micro_batch_size}) x world size ({world_size}) = {per_step}")
+        self._world_size, self._grad_accum = world_size, t.global_batch_size // per_step
+        self._optimizer_kwargs = optimizer_kwargs_from_config(self.optimizer)
+        if (self.engine.name == "deepspeed" and self.grad_accum > 1
+                and self._optimizer_kwargs.get("sam_mode") == "two_pass"):
+            raise ConfigError(
+                "config key 'optimizer.params.sam_mode': two_pass under DeepSpeed needs one micro-batch per "
+                f"rank per step (gradient accumulation is {self.grad_accum}); raise train.micro_batch_size "
+                "to global_batch_size / world size, or use one_pass")
+        return self
+
+
+def json_schema() -> dict:
+    """The JSON Schema of a job config file (what --print-schema writes)."""
+    schema = JobConfig.model_json_schema()
+    opt = OptimizerSection.model_json_schema()
+    schema["$defs"].update(opt.pop("$defs", {}))
+    schema["$defs"]["OptimizerSection"] = opt
+    schema["$defs"]["OptimizerSection"]["properties"]["type"]["default"] = "AdamWMSAMScheduleFree"
+    schema["$defs"]["OptimizerSection"]["required"] = []  # the job fills in the type
+    schema["properties"]["optimizer"] = {"$ref": "#/$defs/OptimizerSection",
+                                         "description": schema["properties"]["optimizer"]["description"]}
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def _message(err: dict) -> str:
+    """One pydantic error as a sentence naming the key, the value and what is allowed."""
+    exc = (err.get("ctx") or {}).get("error")
+    if isinstance(exc, _OptimizerConfigError):  # our own checks already name the key
+        return str(exc)
+    loc = [str(p) for p in err["loc"]]
+    key, kind, value = ".".join(loc), err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        model: type[BaseModel] = JobConfig
+        for part in loc[:-1]:
+            model = model.model_fields[part].annotation
+        section = ".".join(loc[:-1]) or "top level"
+        return f"unknown config key '{key}' (known keys in '{section}': {', '.join(sorted(model.model_fields))})"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"config section '{key}' must be a JSON object, got {type(value).__name__}"
+    msg = err["msg"]
+    return f"config key '{key}': {msg[:1].lower()}{msg[1:]}, got {value!r}"
 
 
 def _set_override(raw: dict, item: str) -> None:
@@ -209,95 +359,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), world
         raw.setdefault("data", {})["path"] = data_path
     if isinstance(raw.get("optimizer"), dict):  # the job has one optimizer: its type may be left out
         raw["optimizer"].setdefault("type", "AdamWMSAMScheduleFree")
-    cfg = _build(JobConfig, raw, "")
-    validate(cfg, env_world_size() if world_size is None else world_size)
-    return cfg
-
-
-def _check_deepspeed_overrides(cfg: JobConfig) -> None:
-    """engine.deepspeed may add DeepSpeed keys (offload, buckets, ...) but not replace what the job sets:
-    another optimizer there would train with it while the job drives AdamWMSAMScheduleFree's modes."""
-    ds = cfg.engine.deepspeed
-    for key, owner in _DEEPSPEED_OWNED.items():
-        node, parts = ds, key.split(".")
-        for part in parts[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and parts[-1] in node:
-            raise ConfigError(f"config key 'engine.deepspeed.{key}' is set by the job from {owner}; "
-                              f"remove it from engine.deepspeed (got {node[parts[-1]]!r})")
-
-
-def validate(cfg: JobConfig, world_size: int) -> None:
-    flat = {f"{s}.{k}": v for s in ("engine", "model", "data", "train", "eval", "checkpoint", "log")
-            for k, v in dataclasses.asdict(getattr(cfg, s)).items()}
-    for key, choices in _CHOICES.items():
-        if flat[key] not in choices:
-            raise ConfigError(f"config key '{key}' must be one of {list(choices)}, got {flat[key]!r}")
-    for key in _POSITIVE:
-        if flat[key] <= 0:
-            raise ConfigError(f"config key '{key}' must be > 0, got {flat[key]!r}")
-    for key in _NON_NEGATIVE:
-        if not flat[key] >= 0:  # also NaN
-            raise ConfigError(f"config key '{key}' must be >= 0, got {flat[key]!r}")
-    if not math.isfinite(cfg.train.grad_clip):
-        raise ConfigError(f"config key 'train.grad_clip' must be a finite number >= 0 (0 disables clipping), "
-                          f"got {cfg.train.grad_clip!r}")
-    if not 0 <= cfg.train.seed <= MAX_SEED:
-        raise ConfigError(f"config key 'train.seed' must be in [0, 2**32 - 1] (torch and numpy seeds), "
-                          f"got {cfg.train.seed}")
-    out = Path(cfg.log.out_dir)
-    for p in (out, *out.parents):
-        if p.exists() and not p.is_dir():
-            raise ConfigError(f"config key 'log.out_dir': {p} is a file, not a directory")
-        if p.exists():
-            break
-    _check_deepspeed_overrides(cfg)
-    if not 0.0 <= cfg.model.dropout < 1.0:
-        raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {cfg.model.dropout}")
-    if cfg.model.n_embd % cfg.model.n_head:
-        raise ConfigError(f"config key 'model.n_embd' ({cfg.model.n_embd}) must be divisible by "
-                          f"'model.n_head' ({cfg.model.n_head})")
-    if cfg.engine.dtype == "fp16" and cfg.engine.name != "deepspeed":
-        raise ConfigError("config key 'engine.dtype': fp16 needs a loss scaler; use bf16, or engine.name=deepspeed")
-    if cfg.data.path is None:
-        if cfg.model.vocab_size < 256:
-            raise ConfigError(f"config key 'model.vocab_size' must be >= 256 for the embedded byte-level "
-                              f"corpus, got {cfg.model.vocab_size}")
-    else:
-        for key in ("data.path", "data.val_path"):
-            p = flat[key]
-            if p is not None and not Path(p).exists():
-                raise ConfigError(f"config key '{key}': data file not found: {p}")
-        if Path(cfg.data.path).is_dir() and not (Path(cfg.data.path) / "train.bin").is_file():
-            raise ConfigError(f"config key 'data.path': directory {cfg.data.path} has no train.bin")
-    if not 0.0 < cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {cfg.data.val_fraction}")
-    r = cfg.checkpoint.resume
-    if r not in ("auto", "never", "must") and not Path(r).exists():
-        raise ConfigError(f"config key 'checkpoint.resume': checkpoint not found: {r}")
-
-    # the batch split: global = micro * world * accumulation
-    t = cfg.train
-    if world_size < 1:
-        raise ConfigError(f"world size must be >= 1, got {world_size}")
-    per_step = t.micro_batch_size * world_size
-    if t.global_batch_size % per_step:
-        raise ConfigError(
-            f"config key 'train.global_batch_size' ({t.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size ({t.micro_batch_size}) x world size ({world_size}) = {per_step}")
-    cfg.world_size = world_size
-    cfg.grad_accum = t.global_batch_size // per_step
-
-    # the optimizer section: the DeepSpeed-config schema, validated by sharded_msam_sf.config
-    from sharded_msam_sf.config import optimizer_kwargs_from_config
+    world_size = env_world_size() if world_size is None else world_size
     try:
-        cfg.optimizer_kwargs = optimizer_kwargs_from_config(cfg.optimizer)
-    except ValueError as e:
-        msg = str(e)
-        raise ConfigError(msg if "optimizer" in msg else f"config section 'optimizer': {msg}") from None
-    if (cfg.engine.name == "deepspeed" and cfg.grad_accum > 1
-            and cfg.optimizer_kwargs.get("sam_mode") == "two_pass"):
-        raise ConfigError(
-            "config key 'optimizer.params.sam_mode': two_pass under DeepSpeed needs one micro-batch per "
-            f"rank per step (gradient accumulation is {cfg.grad_accum}); raise train.micro_batch_size "
-            "to global_batch_size / world size, or use one_pass")
+        return JobConfig.model_validate(raw, context={"world_size": world_size})
+    except pydantic.ValidationError as e:
+        raise ConfigError("; ".join(_message(err) for err in e.errors())) from None

@@ -1,20 +1,15 @@
-"""What the user sees (rank 0 only): a progress bar or lines on stderr, metrics.jsonl,
-a loss-curve PNG and a one-line summary."""
+"""What the user sees (rank 0 only): a tqdm bar or plain lines on stderr, metrics.jsonl (the
+machine-readable record), TensorBoard event files, a loss-curve PNG and a one-line summary."""
 from __future__ import annotations
 
 import errno
 import json
 import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
-
-
-def _fmt_time(s: float) -> str:
-    s = int(max(s, 0))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
+from tqdm import tqdm
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -26,6 +21,10 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 class Progress:
+    """log.progress: "bar" (a tqdm bar, moved every step), "lines" (one line per log.interval, for logs:
+    ``step 10/200 | loss 2.9012 | 1,234 tok/s | elapsed 00:07 | ETA 02:13``), "none", or "auto" (a bar
+    on a TTY, lines otherwise). Messages go above the bar. Disabled (enabled=False) on ranks > 0."""
+
     def __init__(self, enabled: bool, out_dir: Path, mode: str, start_step: int, max_steps: int,
                  tokens_per_step: int, stream=None):
         self.enabled = enabled
@@ -40,7 +39,7 @@ class Progress:
             out_dir.mkdir(parents=True, exist_ok=True)
         self.train_time = 0.0  # seconds spent in training steps (not eval / checkpoints)
         self.steps_timed = 0
-        self.last_line_len = 0
+        self.bar = None  # the tqdm bar, from the first update on
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop records of an earlier run after `after_step` (its checkpoint when resuming; all when
@@ -65,34 +64,71 @@ class Progress:
     def tokens_per_s(self) -> float:
         return self.steps_timed * self.tokens_per_step / self.train_time if self.train_time else 0.0
 
-    def update(self, step: int, loss: float, force_line: bool = False) -> None:
+    def update(self, step: int, loss: float) -> None:
         if not self.enabled or self.mode == "none":
             return
-        done = step - self.start_step
-        left = self.max_steps - step
-        eta = self.train_time / max(self.steps_timed, 1) * left
-        frac = step / self.max_steps
-        text = (f"step {step}/{self.max_steps} | loss {loss:.4f} | {self.tokens_per_s():,.0f} tok/s | "
-                f"elapsed {_fmt_time(self.train_time)} | ETA {_fmt_time(eta)}")
         if self.mode == "bar":
-            width = 24
-            bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
-            line = f"[{bar}] {frac:4.0%} {text}"
-            self.stream.write("\r" + line.ljust(self.last_line_len))
-            self.last_line_len = len(line)
-            if step >= self.max_steps:
-                self.stream.write("\n")
-        elif force_line or done >= 0:
-            self.stream.write(text + "\n")
+            if self.bar is None:
+                self.bar = tqdm(total=self.max_steps, initial=self.start_step, file=self.stream, unit="step",
+                                dynamic_ncols=True)
+            self.bar.set_postfix_str(f"loss {loss:.4f} | {self.tokens_per_s():,.0f} tok/s", refresh=False)
+            self.bar.update(step - self.bar.n)
+            return
+        eta = self.train_time / max(self.steps_timed, 1) * (self.max_steps - step)
+        self.stream.write(f"step {step}/{self.max_steps} | loss {loss:.4f} | {self.tokens_per_s():,.0f} tok/s | "
+                          f"elapsed {tqdm.format_interval(self.train_time)} | ETA {tqdm.format_interval(eta)}\n")
         self.stream.flush()
 
     def message(self, text: str) -> None:
         if self.enabled and self.mode != "none":
-            if self.mode == "bar" and self.last_line_len:
-                self.stream.write("\n")
-                self.last_line_len = 0
-            self.stream.write(text + "\n")
+            tqdm.write(text, file=self.stream)  # above the bar, if there is one
             self.stream.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class TensorBoard:
+    """Per-step scalars in out_dir/tensorboard (rank 0, log.tensorboard), via torch.utils.tensorboard:
+    train/loss, val/loss, optimizer/lr (γ_t after warm-up), optimizer/m_norm (‖m‖), optimizer/ascent_scale
+    (s, the ascent is y + s·m), optimizer/skipped_steps (cumulative) and perf/tokens_per_s.
+    A resumed run purges the events after its checkpoint's step."""
+
+    def __init__(self, enabled: bool, out_dir: Path, start_step: int):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
+
+    def scalars(self, step: int, values: dict) -> None:
+        if self.writer is not None:
+            for tag, value in values.items():
+                if value is not None:
+                    self.writer.add_scalar(tag, value, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def optimizer_scalars(opt) -> dict:
+    """lr, ‖m‖ and the ascent scale from the optimizer's first param group (the plain
+    AdamWMSAMScheduleFree's, also behind the DeepSpeed facade): s = ∓ρ/‖m‖, so ‖m‖ = ρ/|s|
+    (0 when s = 0 with ρ > 0; absent when ρ = 0: no m is kept). Read it right after the
+    step (one_pass) or right after move_to_ascent() (two_pass: step() resets s)."""
+    while not hasattr(opt, "param_groups") and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    g = opt.param_groups[0]
+    scale, rho = float(g["ascent_scale"]), g["rho"]
+    return {"optimizer/lr": float(g.get("scheduled_lr") or g["lr"]), "optimizer/ascent_scale": scale,
+            "optimizer/m_norm": (rho / abs(scale) if scale else 0.0) if rho else None}
 
 
 def plot_losses(metrics_path: Path, png_path: Path, baseline: float | None = None) -> Path | None:

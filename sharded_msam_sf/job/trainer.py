@@ -13,7 +13,7 @@ from .checkpoint import (CheckpointError, Checkpointer, StopSignal, acquire_run_
                          export_weights, plan_resume, record_run_id)
 from .config import JobConfig
 from .data import Batches, Corpus
-from .progress import Progress, peak_memory_mib, plot_losses
+from .progress import Progress, TensorBoard, optimizer_scalars, peak_memory_mib, plot_losses
 
 
 class Interrupted(Exception):
@@ -97,6 +97,7 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
     if dry_run:
         return {"step": step, "dry_run": True}
 
+    board = TensorBoard(rank0 and cfg.log.tensorboard, out_dir, step)
     stop = StopSignal()
     val_loss, train_loss = state.get("val_loss"), state.get("train_loss", math.nan)
     # [sum of losses, count] since the last log record; kept in checkpoints so a resumed log matches
@@ -118,6 +119,7 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
             losses = [engine.forward_backward(x, y, i == len(micro) - 1) for i, (x, y) in enumerate(micro)]
             if two_pass:
                 opt.move_to_ascent()
+                ascent = optimizer_scalars(opt)  # step() resets the two_pass ascent scale
                 for i, (x, y) in enumerate(micro):
                     engine.forward_backward(x, y, i == len(micro) - 1)
                 opt.move_from_ascent()
@@ -141,8 +143,15 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
                     f"gradients held NaN/inf (train.max_skipped_steps = {limit}). The newest checkpoint whose "
                     f"loss was finite (never pruned): {last_healthy}. Lower the learning rate, check the data, "
                     "or raise train.max_skipped_steps")
-            progress.train_time += time.perf_counter() - t0
+            step_time = time.perf_counter() - t0
+            progress.train_time += step_time
             progress.steps_timed += 1
+            if board.writer is not None:
+                now = optimizer_scalars(opt)
+                if two_pass:
+                    now.update({k: ascent[k] for k in ("optimizer/m_norm", "optimizer/ascent_scale")})
+                board.scalars(step, {"train/loss": (flags[0] / flags[1]).item(), "perf/tokens_per_s":
+                                     tokens_per_step / step_time, "optimizer/skipped_steps": skipped_now, **now})
 
             last = step == cfg.train.max_steps
             logged = step % cfg.log.interval == 0 or last
@@ -157,6 +166,8 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
             if (cfg.eval.interval and step % cfg.eval.interval == 0) or last:
                 val_loss = evaluate(engine, batches, env.device)
                 progress.record(step=step, val_loss=val_loss)
+                board.scalars(step, {"val/loss": val_loss})
+                board.flush()
                 progress.message(f"step {step}: val loss {val_loss:.4f} (eval mode, x)")
             signum = (stop.signum or signal.SIGTERM) if flags[2].item() > 0 else 0  # a signal on any rank
             if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last or signum:
@@ -171,6 +182,8 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
                 raise Interrupted(signum, step)
     finally:
         stop.restore()
+        board.close()
+        progress.close()  # the bar; messages below print as lines
 
     if cfg.checkpoint.export:
         opt.eval()
