@@ -27,8 +27,10 @@ averaging weight, ``bc2 = 1 − β2^t``):
 :func:`swap_y_x_`      ``p ← lerp(p, z, w)``: y→x with ``w = 1 − 1/β1``, x→y with ``w = 1 − β1``
 =====================  ==========================================================================
 
-``add_scaled_`` and ``swap_y_x_`` are one elementwise op each: ``fused`` and ``auto``
-use the multi-tensor kernel for them, which already reads each input once.
+``swap_y_x_`` is one elementwise op: ``fused`` and ``auto`` use the multi-tensor kernel
+for it, which already reads each input once. ``fold_momentum_`` and ``add_scaled_``
+(two_pass's ``move_to_ascent()``/``move_from_ascent()``) take the compiled kernels like
+the update: foreach folds in two passes, and neither foreach op handles bf16 m.
 Every path gives the same trajectory (``tests/test_fused.py``); they differ only in
 floating-point rounding. bf16 state (stochastic rounding) is handled by
 :mod:`.bf16_state` on every path, with the same random bits.
@@ -207,23 +209,53 @@ def sf_adamw_update_(
 
 
 def fold_momentum_(ms: Sequence[Tensor], grads: Sequence[Tensor], beta_m: float, *, impl: str,
-                   step: int = 0) -> None:
+                   step: int = 0, state: Optional[FusedState] = None) -> None:
     """``m ← β_m·m + (1 − β_m)·g`` in place (two_pass's ``move_to_ascent()``), the same ops
-    as :func:`ascent_stats`; bf16 momenta folded in fp32 and stochastically rounded."""
+    as :func:`ascent_stats`; bf16 momenta folded in fp32 and stochastically rounded (the
+    fold's random bits, :data:`.bf16_state.SALT_FOLD`). ``fused``/``auto``: one compiled pass
+    per eligible tensor (reads m and g once, writes m once)."""
     _check_impl(impl)
+    state = _DEFAULT_STATE if state is None else state
     ms, grads = list(ms), list(grads)
-    plain = [i for i, m in enumerate(ms) if not is_low(m)]
+    sc, rest = None, []
+    for i, (m, g) in enumerate(zip(ms, grads)):
+        if _eligible(impl, state, (m, g), (m,)):
+            if sc is None:
+                sc = pack(m.device, **step_scalars(lr=0.0, beta1=0.0, beta2=0.0, eps=0.0, weight_decay=0.0,
+                                                   ckp1=0.0, bias_correction2=0.0, beta_m=beta_m,
+                                                   remove_scale=0.0, apply_scale=0.0))
+            seed = bf16_state.step_seed(step, i, salt=bf16_state.SALT_FOLD)
+            if compiled.call(state, impl, "fold", m.view(-1), g.view(-1), sc, seed) is not None:
+                continue
+        rest.append(i)
+    plain = [i for i in rest if not is_low(ms[i])]
     if plain:
         eager.fold_momentum_([ms[i] for i in plain], [grads[i] for i in plain], beta_m, foreach=_foreach(impl))
-    for i, m in enumerate(ms):
-        if is_low(m):
-            bf16_state.fold_(eager.fold_momentum_, m, grads[i], beta_m, index=i, step=step, foreach=False)
+    for i in rest:
+        if is_low(ms[i]):
+            bf16_state.fold_(eager.fold_momentum_, ms[i], grads[i], beta_m, index=i, step=step, foreach=False)
 
 
-def add_scaled_(params: Sequence[Tensor], ms: Sequence[Tensor], scale: float, *, impl: str) -> None:
-    """``p ← p + scale·m`` (apply ``scale = s``, remove ``scale = −s``); p rounded to nearest."""
+def add_scaled_(params: Sequence[Tensor], ms: Sequence[Tensor], scale: float, *, impl: str,
+                state: Optional[FusedState] = None) -> None:
+    """``p ← p + scale·m`` (apply ``scale = s``, remove ``scale = −s``); p rounded to nearest.
+    ``fused``/``auto``: one compiled pass per eligible tensor, the rest on foreach."""
     _check_impl(impl)
-    eager.add_scaled_(params, ms, scale, foreach=_foreach(impl))
+    if scale == 0.0 or not len(params):
+        return
+    state = _DEFAULT_STATE if state is None else state
+    sc, rest_p, rest_m = None, [], []
+    for p, m in zip(params, ms):
+        if _eligible(impl, state, (p, m), (m,)):
+            if sc is None:
+                sc = pack(p.device, **step_scalars(lr=0.0, beta1=0.0, beta2=0.0, eps=0.0, weight_decay=0.0,
+                                                   ckp1=0.0, bias_correction2=0.0, beta_m=None,
+                                                   remove_scale=0.0, apply_scale=scale))
+            if compiled.call(state, impl, "shift", p.view(-1), m.view(-1), sc) is not None:
+                continue
+        rest_p.append(p)
+        rest_m.append(m)
+    eager.add_scaled_(rest_p, rest_m, scale, foreach=_foreach(impl))
 
 
 def swap_y_x_(params: Sequence[Tensor], zs: Sequence[Tensor], weight: float, *, impl: str) -> None:
