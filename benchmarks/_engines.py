@@ -6,64 +6,21 @@ Every rank binds to 127.0.0.1; DeepSpeed runs with ``DS_ACCELERATOR=cpu``.
 from __future__ import annotations
 
 import os
-import socket
-import traceback
-from typing import Any, Callable, Dict
+from typing import Any, Dict
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
-from sharded_msam_sf.teardown import close_process_group  # noqa: E402
+from sharded_msam_sf.backends import is_dtensor  # noqa: E402
+from sharded_msam_sf.local_ranks import run_ranks as _run_ranks  # noqa: E402
 
 BATCH = 4  # per rank
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port, fn, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
-        out = fn(rank, world, *args)
-        queue.put((rank, "ok", out))
-    except BaseException:
-        queue.put((rank, "error", traceback.format_exc()))
-    close_process_group()  # outside the except clause, so the failed frames are gone too
-
-
-def run_ranks(fn: Callable, world: int, *args, timeout: float = 1800.0) -> Dict[int, Any]:
-    """``fn(rank, world, *args)`` on ``world`` gloo ranks; returns {rank: result}."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue), daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    results, errors = {}, []
-    import time
-    deadline = time.monotonic() + timeout
-    while len(results) + len(errors) < world and time.monotonic() < deadline:
-        if not queue.empty():
-            rank, status, payload = queue.get()
-            (results.__setitem__(rank, payload) if status == "ok" else errors.append(f"rank {rank}:\n{payload}"))
-        else:
-            time.sleep(0.05)
-    for p in procs:
-        p.join(5)
-        if p.is_alive():
-            p.kill()
-    if errors or len(results) < world:
-        raise RuntimeError("\n".join(errors) or f"ranks timed out after {timeout} s")
-    return results
+def run_ranks(fn, world: int, *args) -> Dict[int, Any]:
+    """``fn(rank, world, *args)`` on ``world`` gloo ranks (the tests' harness, 30 min limit): {rank: result}."""
+    return _run_ranks(fn, world, *args, timeout=1800.0)
 
 
 # ----------------------------------------------------------------------------- model
@@ -126,15 +83,15 @@ class Run:
             stage = int(engine_name[-1])
             params = list(model.parameters())
             if ours:
-                from sharded_msam_sf.backends.deepspeed import DeepSpeedBackend, DeepSpeedDriver
-                from sharded_msam_sf.deepspeed import DeepSpeedMSAMOptimizer
+                from sharded_msam_sf.backends.zero import DeepSpeedBackend
                 client = AdamWMSAMScheduleFree(params, backend=DeepSpeedBackend(), **kw)
             else:
                 client = torch.optim.AdamW(params, **kw)
             engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=client,
                                                    config=ds_config(stage, world))
             if ours:
-                self.wrapper = DeepSpeedMSAMOptimizer(engine, client, DeepSpeedDriver(engine, client))
+                from sharded_msam_sf.deepspeed import attach
+                self.wrapper = attach(engine)
                 self.wrapper.train()
             self.engine, self.client, self.module = engine, client, engine.module
         else:
@@ -184,7 +141,7 @@ class Run:
 def local_bytes(t) -> int:
     if not isinstance(t, torch.Tensor):
         return 0
-    loc = t.to_local() if hasattr(t, "to_local") else t
+    loc = t.to_local() if is_dtensor(t) else t
     return loc.numel() * loc.element_size()
 
 

@@ -1,25 +1,33 @@
 #!/usr/bin/env bash
-# Launch with MPI: ranks are discovered through mpi4py by
-# deepspeed.init_distributed(auto_mpi_discovery=True) (sharded_msam_sf.deepspeed.init_distributed,
-# which keeps a MASTER_ADDR/MASTER_PORT you set); the training itself uses torch.distributed
-# (gloo/nccl), MPI only starts the processes.
+# Start the main job (python -m sharded_msam_sf.train) with MPI: ranks come from the MPI
+# launcher's environment (Open MPI, MPICH/Hydra, PMIx); the training itself uses
+# torch.distributed (gloo/nccl), MPI only starts the processes. Arguments go to the program
+# (default: --config configs/job/default.json).
 #
-#   one node, 2 ranks:  launch/mpirun.sh --config configs/deepspeed/zero2-cpu.json --dist-backend gloo
+#   one node, 2 ranks:  launch/mpirun.sh                                  # the embedded default job
 #   two nodes, 8 each:  NP=16 MPI_ARGS="-hosts node0,node1 -ppn 8" MASTER_ADDR=node0 \
-#                       launch/mpirun.sh --config configs/deepspeed/zero3-gpu.json
+#                       launch/mpirun.sh --config configs/job/gpt-1.3b-gpu.json --data /data/owt
 #                       (Open MPI: MPI_ARGS="--hostfile launch/hostfile.openmpi -npernode 8" or
 #                       "-H node0:8,node1:8"; MPICH/Hydra: "-f hosts -ppn 8")
+#   the smoke run:      SCRIPT=examples/deepspeed_smoke.py launch/mpirun.sh \
+#                       --config configs/deepspeed/zero2-cpu.json --dist-backend gloo
+#                       (ranks found with mpi4py by sharded_msam_sf.deepspeed.init_distributed)
 #
 # Environment (defaults): NP (2) ranks in all; MPIEXEC (mpiexec, the venv's if present);
 # MPI_ARGS (none) extra launcher arguments; MASTER_ADDR (127.0.0.1 on one node; set it to
 # rank 0's node for several, or unset it to let DeepSpeed take rank 0's first address);
-# MASTER_PORT (29500); MODULE (sharded_msam_sf.deepspeed) or SCRIPT (a .py file).
+# MASTER_PORT (29500); MODULE (sharded_msam_sf.train) or SCRIPT (a .py file, overrides MODULE).
 set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"   # runs from a clone without pip install too
 NP="${NP:-2}"
 export MASTER_ADDR="${MASTER_ADDR-127.0.0.1}"
 [[ -z "$MASTER_ADDR" ]] && unset MASTER_ADDR
 export MASTER_PORT="${MASTER_PORT:-29500}"
-MODULE="${MODULE:-sharded_msam_sf.deepspeed}"
+if [[ -z "${MODULE:-}" && -z "${SCRIPT:-}" && "$#" -eq 0 ]]; then
+  set -- --config "$REPO/configs/job/default.json"
+fi
+MODULE="${MODULE:-sharded_msam_sf.train}"
 PY="${PYTHON:-python}"
 MPIEXEC="${MPIEXEC:-$(dirname "$(command -v "$PY")")/mpiexec}"
 [[ -x "$MPIEXEC" ]] || MPIEXEC=mpiexec

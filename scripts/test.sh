@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test suite from a fresh clone: installs the tested versions into .venv (once), builds
 # DeepSpeed's CPU comm op (once), then runs pytest. Extra arguments go to pytest.
-#   bash scripts/test.sh                 # everything (CPU, ~20-30 min on 2 cores)
+#   bash scripts/test.sh                 # everything, on the CPU (run time: README.md, "Tests")
 #   bash scripts/test.sh tests/test_oracles.py -x
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

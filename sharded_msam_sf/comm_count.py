@@ -13,18 +13,31 @@ The counter wraps the ``torch.distributed`` collectives (module attributes and
 Bytes are those of the tensor(s) this rank passes in (the output for all-gather-type
 calls: what a rank receives). ``reset()`` starts a new count; ``counting=False`` pauses.
 Nested calls (a DeepSpeed wrapper calling a torch one) are counted once, at the outermost.
+
+Every counted call is also recorded in ``records`` as a :class:`Call` (kind, shape of the
+counted tensor, bytes, and ``ours``: issued from code of this package, i.e. a frame of
+``sharded_msam_sf`` is on the stack — the optimizer's own all-reduce — rather than by the
+engine alone). ``ours()`` lists those: the tests assert there is exactly one per gradient
+evaluation, an all-reduce of ``G + 1`` float64.
 """
 from __future__ import annotations
 
 import functools
+import os
+import sys
 import threading
 from collections import defaultdict
-from typing import Any, Callable, Dict, List, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["CommCounter", "COLLECTIVES"]
+__all__ = ["CommCounter", "Call", "COLLECTIVES"]
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# frames that are not the package acting: this counter, and the rank harness every rank starts in
+_NOT_OURS = {os.path.join(_PACKAGE, "comm_count.py"), os.path.join(_PACKAGE, "local_ranks.py")}
 
 # name -> index of the argument whose size is counted (the received tensor for gathers)
 COLLECTIVES: Dict[str, Tuple[int, str]] = {
@@ -50,7 +63,29 @@ COLLECTIVES: Dict[str, Tuple[int, str]] = {
     "recv": (0, "tensor"),
     "isend": (0, "tensor"),
     "irecv": (0, "tensor"),
+    "batch_isend_irecv": (-1, ""),
+    "all_gather_object": (-1, ""),
+    "broadcast_object_list": (-1, ""),
 }
+
+
+@dataclass(frozen=True)
+class Call:
+    """One counted collective."""
+
+    name: str
+    shape: Optional[Tuple[int, ...]]  # of the counted tensor (None for lists and objects)
+    bytes: int
+    ours: bool  # issued from inside the sharded_msam_sf package
+
+
+def _from_package(frame) -> bool:
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith(_PACKAGE) and name not in _NOT_OURS:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _nbytes(obj: Any) -> int:
@@ -68,6 +103,7 @@ class CommCounter:
         self.calls: Dict[str, int] = defaultdict(int)
         self.bytes: Dict[str, int] = defaultdict(int)
         self.counting = True
+        self.records: List[Call] = []
         self._saved: List[Tuple[Any, str, Callable]] = []
         self._local = threading.local()
 
@@ -75,6 +111,11 @@ class CommCounter:
     def reset(self) -> None:
         self.calls.clear()
         self.bytes.clear()
+        self.records.clear()
+
+    def ours(self) -> List[Call]:
+        """The counted calls issued from inside this package (see the module docstring)."""
+        return [c for c in self.records if c.ours]
 
     def summary(self) -> Dict[str, Dict[str, int]]:
         return {k: {"calls": self.calls[k], "bytes": self.bytes[k]} for k in sorted(self.calls)}
@@ -96,8 +137,11 @@ class CommCounter:
             depth = getattr(counter._local, "depth", 0)
             if depth == 0 and counter.counting:
                 arg = args[index] if 0 <= index < len(args) else kwargs.get(keyword)
+                n = _nbytes(arg)
                 counter.calls[name] += 1
-                counter.bytes[name] += _nbytes(arg)
+                counter.bytes[name] += n
+                counter.records.append(Call(name, tuple(arg.shape) if isinstance(arg, torch.Tensor) else None, n,
+                                            _from_package(sys._getframe(1))))
             counter._local.depth = depth + 1
             try:
                 return fn(*args, **kwargs)

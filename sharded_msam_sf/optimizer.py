@@ -47,7 +47,7 @@ from torch.optim import Optimizer
 
 from . import hyperparams as H
 from . import kernels as K
-from .backends import Backend, detect_backend
+from .backends import Backend, resolve_backend
 from .hyperparams import SAM_MODES, default_rho
 from .kernels.rules import decode_flag, encode_flags
 
@@ -114,7 +114,7 @@ class AdamWMSAMScheduleFree(Optimizer):
         process_group: the group that reduces the norm, overriding the detected one
             (with plain params: all-reduce the stats over it, as for DDP).
         model: the wrapped model (DDP / FSDP1 / FSDP2), to find the engine's modules
-            without searching (see :func:`~sharded_msam_sf.backends.detect_backend`).
+            without searching (see :func:`~sharded_msam_sf.backends.resolve_backend`).
 
     Call ``train()`` before training and ``eval()`` before evaluating or saving
     weights for inference (the params then hold the averaged x).
@@ -157,10 +157,8 @@ class AdamWMSAMScheduleFree(Optimizer):
         self._validated: Dict[int, tuple] = {}   # id(group) -> the hyperparameters last validated
         super().__init__(params, defaults)
         self._mode = self.param_groups[0]["sam_mode"]
-        if backend is None:
-            backend = detect_backend((p for g in self.param_groups for p in g["params"]),
-                                     process_group=process_group, model=model)
-        self._backend = backend
+        self._backend = resolve_backend((p for g in self.param_groups for p in g["params"]), backend=backend,
+                                        process_group=process_group, model=model)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -463,7 +461,7 @@ class AdamWMSAMScheduleFree(Optimizer):
             group["ascent_scale"] = self._ascent_scale(group, norm)
         if skip:
             self._warn_skip("move_to_ascent()")
-        self._backend.clear_grads(self)
+        self.zero_grad(set_to_none=True)
         for group in self.param_groups:
             self._shift(group, group["ascent_scale"])
         self._backend.params_changed()
@@ -545,6 +543,38 @@ class AdamWMSAMScheduleFree(Optimizer):
                       "those elements and their update g/(sqrt(v)+eps) is 0 from now on (they stop moving); "
                       "scale the loss down or clip the gradients "
                       f"(steps with an overflow so far: {self.v_overflow_steps})", RuntimeWarning, stacklevel=3)
+
+    @torch.no_grad()
+    def skip_step(self, reason: str, *, ascent: bool = False) -> None:
+        """Skip this step on an engine's decision, e.g. DeepSpeed's overflow check, which drops a
+        non-finite gradient before this optimizer sees it. The state ends as if that gradient had
+        reached the optimizer: ``ascent=False`` (in place of ``step()``): the skip is counted in
+        ``skipped_steps`` and z, v, m, k are unchanged; two_pass also removes an ascent still in
+        place. ``ascent=True`` (two_pass, in place of ``move_to_ascent()``): no ascent (s = 0), the
+        gradients are dropped, and the coming ``step()`` is skipped and counted. No collective: the
+        engine's decision must be the same on every rank. ``reason`` goes into the warning."""
+        self._require_train("skip_step()")
+        if ascent and self.sam_mode != "two_pass":
+            raise ValueError("skip_step(ascent=True) replaces a two_pass move_to_ascent(); this optimizer is one_pass")
+        changed = False
+        for group in self.param_groups:
+            if ascent:  # in place of move_to_ascent(): the coming step() is the one skipped
+                group["at_ascent"], group["ascent_scale"], group["skip_pending"] = True, 0.0, True
+                group["ascent_taken"] = True
+                continue
+            if group["sam_mode"] == "two_pass":
+                if group["at_ascent"]:
+                    self._shift(group, -group["ascent_scale"])
+                    group["at_ascent"], changed = False, True
+                group["ascent_scale"], group["skip_pending"], group["ascent_taken"] = 0.0, False, False
+            group["skipped_steps"] += 1
+        if ascent:
+            self.zero_grad(set_to_none=True)
+        elif changed:
+            self._backend.params_changed()
+        what = "no ascent, the coming step() is skipped" if ascent else "step skipped"
+        warnings.warn(f"AdamWMSAMScheduleFree: {what} ({reason}); the optimizer state is unchanged "
+                      f"(skipped so far: {self.skipped_steps})", RuntimeWarning, stacklevel=2)
 
     @staticmethod
     def _schedule(group: Dict[str, Any]) -> Tuple[float, float, float]:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import contextmanager
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -177,14 +176,46 @@ def reference_run(engine: str, wrapped: nn.Module, ref: nn.Module, *, mode: str,
     return opt
 
 
+def bf16_control_run(ref: nn.Module, opt, *, steps: int, dp_size: int, switch_at: Optional[int] = None):
+    """The one_pass loop on one process under the engines' bf16 mixed-precision policy
+    (``param_dtype=bf16, reduce_dtype=fp32``, fp32 masters): each step casts the fp32 params
+    to bf16, takes every data-parallel rank's slice's gradient in bf16 (inputs cast to bf16,
+    as the engines' root does), casts each to fp32 and averages them in fp32 — what FSDP's
+    fp32 reduce-scatter computes — then steps the fp32 masters. ``record`` as in run_loop."""
+    record: Dict[str, list] = {}
+    opt.train()
+    for i in range(steps):
+        x, y = global_batch(i)
+        low = copy.deepcopy(ref).to(torch.bfloat16)
+        total = None
+        for r in range(dp_size):
+            loss = mse(low, local_slice(x, r, dp_size).to(torch.bfloat16), local_slice(y, r, dp_size))
+            grads = [g.float() for g in torch.autograd.grad(loss, list(low.parameters()))]
+            total = grads if total is None else [a + g for a, g in zip(total, grads)]
+        for p, g in zip(ref.parameters(), total):
+            p.grad = g / dp_size
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        record.setdefault("scale", []).append(opt.param_groups[0]["ascent_scale"])
+        if switch_at is not None and i == switch_at:
+            opt.eval()
+            with torch.no_grad():
+                xe, ye = global_batch(10_000)
+                record.setdefault("eval_loss", []).append(
+                    float(mse(copy.deepcopy(ref).to(torch.bfloat16), xe.to(torch.bfloat16), ye)))
+            opt.train()
+    opt.eval()
+    return record
+
+
 def global_norm(opt) -> float:
     """||m|| over every group with rho > 0, through the optimizer's own back end."""
-    from sharded_msam_sf import kernels as F
     rows = []
     for g in opt.param_groups:
-        ps = opt._with_m(g)
-        rows.append(F.ascent_stats(opt._ms(ps), [], beta_m=None, impl="foreach"))
-    stats = torch.cat([torch.stack(rows)[:, 0], torch.zeros(1, dtype=torch.float64)])
+        ms = [opt.backend.local(m) for m in (opt.state[p]["exp_avg"] for p in opt._with_m(g))]
+        sumsq = sum((float(m.double().square().sum()) for m in ms), 0.0)
+        rows.append(sumsq)
+    stats = torch.tensor(rows + [0.0], dtype=torch.float64)
     opt.backend.all_reduce_(stats)
     return math.sqrt(float(stats[:-1].sum()))
 
@@ -199,60 +230,11 @@ def reference_norm(opt) -> float:
     return math.sqrt(total)
 
 
-# ---------------------------------------------------------------- collectives
-_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-                "broadcast", "reduce", "all_to_all", "all_to_all_single", "gather", "scatter", "barrier",
-                "all_gather_object", "broadcast_object_list", "all_reduce_coalesced", "_reduce_scatter_base",
-                "_all_gather_base", "send", "recv", "isend", "irecv", "batch_isend_irecv")
-
-
-@contextmanager
-def count_collectives():
-    """Count calls of torch.distributed collectives: ``counts['total']`` (anyone) and
-    ``counts['ours']`` (issued from inside the sharded_msam_sf package)."""
-    import sys
-    import torch.distributed.distributed_c10d as c10d
-    counts = {"total": 0, "ours": 0, "ours_calls": []}
-    saved = []
-
-    def wrapper(name, fn):
-        def counted(*args, **kwargs):
-            counts["total"] += 1
-            f = sys._getframe(1)
-            while f is not None:
-                fname = f.f_code.co_filename.replace("\\", "/")
-                if "/sharded_msam_sf/" in fname and "/tests/" not in fname:
-                    counts["ours"] += 1
-                    t = args[0] if args else kwargs.get("tensor")
-                    counts["ours_calls"].append((name, tuple(t.shape) if hasattr(t, "shape") else None))
-                    break
-                f = f.f_back
-            return fn(*args, **kwargs)
-        return counted
-
-    for mod in (dist, c10d):
-        for name in _COLLECTIVES:
-            fn = getattr(mod, name, None)
-            if fn is not None:
-                saved.append((mod, name, fn))
-    originals = {}
-    for mod, name, fn in saved:
-        key = id(fn)
-        if key not in originals:
-            originals[key] = wrapper(name, fn)
-        setattr(mod, name, originals[key])
-    try:
-        yield counts
-    finally:
-        for mod, name, fn in saved:
-            setattr(mod, name, fn)
-
-
 def clone_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-# ---------------------------------------------------------------- scenarios
+# ---------------------------------------------------------------- scenarios: measure on the ranks
 def _nan_into(opt, rank_to_poison: int, rank: int):
     """Write a NaN into the first non-empty local gradient, on ``rank_to_poison`` only."""
     def poison(step):
@@ -270,12 +252,12 @@ def _nan_into(opt, rank_to_poison: int, rank: int):
     return poison
 
 
-def check_equivalence(engine: str, mode: str, rank: int, world_size: int, *, steps: int = 8, switch_at: int = 3,
-                      nan_at: Optional[int] = 5, nan_rank: int = 1, nan_via_data: bool = False, dp_rank=None,
-                      dp_size=None, opt_kwargs: Optional[dict] = None, pass_model: bool = False,
-                      results: Optional[dict] = None) -> float:
-    """Run ``engine`` and the single-process control; assert weights, eval losses, ascent
-    scales, the global norm and the skipped steps agree. Returns the max |diff| of the weights."""
+def measure_equivalence(engine: str, mode: str, rank: int, world_size: int, *, steps: int = 8, switch_at: int = 3,
+                        nan_at: Optional[int] = 5, nan_rank: int = 1, nan_via_data: bool = False, dp_rank=None,
+                        dp_size=None, opt_kwargs: Optional[dict] = None, pass_model: bool = False) -> dict:
+    """Run ``engine`` and the single-process control on the same global batches; return what
+    :data:`EQUIVALENCE_CHECKS` compares (the global norm, the ascent scales, the skipped steps,
+    the eval losses, the final weights), for the parent process to assert one by one."""
     dp_rank = rank if dp_rank is None else dp_rank
     dp_size = world_size if dp_size is None else dp_size
     base = make_model(seed=3)
@@ -314,43 +296,102 @@ def check_equivalence(engine: str, mode: str, rank: int, world_size: int, *, ste
         if nan_at is not None and nan_via_data:
             globals()["global_batch"] = real
 
-    # the global ||m|| through the back end's one all-reduce equals the unsharded one
-    norm, ref_norm = global_norm(opt), reference_norm(ref_opt)
-    assert ref_norm > 0 and abs(norm - ref_norm) <= 1e-6 * ref_norm, (engine, mode, norm, ref_norm)
-    # the ascent scale s = ±rho/||m|| of every step (0 where skipped)
-    assert len(rec["scale"]) == len(ref_rec["scale"]) == steps
-    for a, b in zip(rec["scale"], ref_rec["scale"]):
-        assert abs(a - b) <= 1e-5 * max(abs(b), 1e-12), (engine, mode, rec["scale"], ref_rec["scale"])
-    expected_skips = 0 if nan_at is None else 1
-    assert opt.skipped_steps == ref_opt.skipped_steps == expected_skips, (opt.skipped_steps, ref_opt.skipped_steps)
-    for a, b in zip(rec["eval_loss"], ref_rec["eval_loss"]):
-        assert abs(a - b) <= TOL, (engine, mode, "eval loss", a, b)
-
+    out = dict(norm=global_norm(opt), ref_norm=reference_norm(ref_opt), scales=rec["scale"],
+               ref_scales=ref_rec["scale"], steps=steps, skipped=opt.skipped_steps, ref_skipped=ref_opt.skipped_steps,
+               expected_skips=0 if nan_at is None else 1, eval_loss=rec["eval_loss"],
+               ref_eval_loss=ref_rec["eval_loss"], backend=type(opt.backend).__name__)
     opt.eval()
     ref_opt.eval()
-    ours, theirs = full_weights(wrapped), {k: v.detach().float() for k, v in ref.state_dict().items()}
-    diff = max_abs_diff(ours, theirs)
-    # the trajectory must have moved (a no-op optimizer would pass a loose check)
-    moved = max_abs_diff(theirs, {k: v.detach().float() for k, v in base.state_dict().items()})
-    assert moved > 1e-3, moved
-    assert diff <= TOL, (engine, mode, diff)
-    # every rank computed on its own shard; all ranks hold the same result
-    if results is not None:
-        results[(engine, mode)] = diff
-    return diff
+    theirs = {k: v.detach().float() for k, v in ref.state_dict().items()}
+    out["diff"] = max_abs_diff(full_weights(wrapped), theirs)
+    out["moved"] = max_abs_diff(theirs, {k: v.detach().float() for k, v in base.state_dict().items()})
+    return out
 
 
-def check_collectives(engine: str, rank: int, world_size: int, *, steps: int = 3, expect_per_step=None,
-                      dp_rank=None, dp_size=None, opt_kwargs: Optional[dict] = None,
-                      pass_model: bool = False) -> Dict[str, int]:
-    """Count collectives: ours per step (one_pass, two_pass), none in train()/eval(), and the
-    difference against torch.optim.AdamW in the same loop. Returns the per-step counts."""
+def _check_norm(r: dict) -> None:
+    # the global ||m|| through the back end's one all-reduce equals the unsharded one
+    assert r["ref_norm"] > 0 and abs(r["norm"] - r["ref_norm"]) <= 1e-6 * r["ref_norm"], (r["norm"], r["ref_norm"])
+
+
+def _check_scales(r: dict) -> None:
+    # the ascent scale s = ±rho/||m|| of every step (0 where skipped)
+    assert len(r["scales"]) == len(r["ref_scales"]) == r["steps"], (r["scales"], r["ref_scales"])
+    for a, b in zip(r["scales"], r["ref_scales"]):
+        assert abs(a - b) <= 1e-5 * max(abs(b), 1e-12), (r["scales"], r["ref_scales"])
+
+
+def _check_skips(r: dict) -> None:
+    # a NaN on one rank skips the same step on every rank, as on one process
+    assert r["skipped"] == r["ref_skipped"] == r["expected_skips"], (r["skipped"], r["ref_skipped"])
+
+
+def _check_eval_loss(r: dict) -> None:
+    # eval() mid-run (after an eval forward that leaves FSDP roots unsharded) gives the control's loss
+    assert len(r["eval_loss"]) == len(r["ref_eval_loss"]) > 0
+    for a, b in zip(r["eval_loss"], r["ref_eval_loss"]):
+        assert abs(a - b) <= TOL, (a, b)
+
+
+def _check_weights(r: dict) -> None:
+    # the trajectory moved (a no-op optimizer would pass a loose check) and equals the control's
+    assert r["moved"] > 1e-3, r["moved"]
+    assert r["diff"] <= TOL, r["diff"]
+
+
+EQUIVALENCE_CHECKS: Dict[str, Callable[[dict], None]] = {
+    "global_norm": _check_norm, "ascent_scales": _check_scales, "nan_skips": _check_skips,
+    "eval_loss": _check_eval_loss, "final_weights": _check_weights,
+}
+
+
+def assert_on_every_rank(results: Dict[int, dict], key, check: Callable[[dict], None]) -> None:
+    """``check`` on every rank's measurement ``results[rank][key]``, naming the rank that fails."""
+    for rank in sorted(results):
+        try:
+            check(results[rank][key])
+        except AssertionError as e:
+            raise AssertionError(f"rank {rank}, {key}: {e}") from None
+
+
+def measure_bf16(engine: str, rank: int, world_size: int, *, steps: int = 6, switch_at: int = 2) -> dict:
+    """bf16 mixed precision (fp32 sharded masters) against :func:`bf16_control_run`: the max
+    |diff| of the final weights and eval losses, the dtypes of params and state."""
+    base = make_model(seed=3)
+    ref = clone_model(base)
+    model = wrap(engine, clone_model(base), mp=True)
+    opt = AdamWMSAMScheduleFree(model.parameters(), **HP)
+    rec = {}
+    run_loop(model, opt, mode="one_pass", steps=steps, dp_rank=rank, dp_size=world_size, switch_at=switch_at,
+             record=rec)
+    loc = [(p, opt.backend.local(p)) for p in model.parameters()]
+    # FSDP1 gives no gradient to an empty view: such a param gets no state
+    state_dtypes = {str(opt.backend.local(opt.state[p][k]).dtype) for p, lp in loc if lp.numel()
+                    for k in ("z", "exp_avg_sq", "exp_avg")}
+    ref_opt = AdamWMSAMScheduleFree(ref.parameters(), **HP)
+    ref_rec = bf16_control_run(ref, ref_opt, steps=steps, dp_size=world_size, switch_at=switch_at)
+    theirs = {k: v.float() for k, v in ref.state_dict().items()}
+    fp32_control = clone_model(base)
+    fp32_opt = AdamWMSAMScheduleFree(fp32_control.parameters(), **HP)
+    run_loop(fp32_control, fp32_opt, mode="one_pass", steps=steps, dp_rank=0, dp_size=1, switch_at=switch_at)
+    ours = full_weights(model)
+    return dict(diff=max_abs_diff(ours, theirs), eval_loss=rec["eval_loss"], ref_eval_loss=ref_rec["eval_loss"],
+                scales=rec["scale"], ref_scales=ref_rec["scale"],
+                diff_vs_fp32=max_abs_diff(ours, {k: v.float() for k, v in fp32_control.state_dict().items()}),
+                param_dtypes={str(p.dtype) for p, _ in loc} | {str(lp.dtype) for _, lp in loc},
+                state_dtypes=state_dtypes)
+
+
+def measure_collectives(engine: str, rank: int, world_size: int, *, steps: int = 3, dp_rank=None, dp_size=None,
+                        opt_kwargs: Optional[dict] = None, pass_model: bool = False) -> dict:
+    """Per mode: the collectives of ours (issued from inside the package) over ``steps`` steps,
+    all collectives of ours and of torch.optim.AdamW in the same loop, and the collectives of
+    eval()/train()/eval(); for :func:`check_collectives`."""
+    from sharded_msam_sf.comm_count import CommCounter
     dp_rank = rank if dp_rank is None else dp_rank
     dp_size = world_size if dp_size is None else dp_size
-    expect_per_step = expect_per_step or {"one_pass": 1, "two_pass": 2}
     out = {}
     for mode in ("one_pass", "two_pass"):
-        totals = {}
+        m = out[mode] = {"steps": steps}
         for which in ("ours", "adamw"):
             model = wrap(engine, make_model(seed=5))
             if which == "ours":
@@ -362,20 +403,25 @@ def check_collectives(engine: str, rank: int, world_size: int, *, steps: int = 3
                 opt.move_from_ascent = lambda: None
                 opt.move_to_ascent = lambda: opt.zero_grad(set_to_none=True)
             run_loop(model, opt, mode=mode, steps=1, dp_rank=dp_rank, dp_size=dp_size, final_eval=False)
-            with count_collectives() as c:
+            with CommCounter() as cc:
                 run_loop(model, opt, mode=mode, steps=1 + steps, start=1, dp_rank=dp_rank, dp_size=dp_size,
                          final_eval=False)
-            totals[which] = c["total"]
+            m[f"total_{which}"] = cc.total_calls
             if which == "ours":
-                assert c["ours"] == expect_per_step[mode] * steps, (engine, mode, c["ours"], c["ours_calls"])
-                n_groups = len(opt.param_groups)
-                assert all(name == "all_reduce" and shape == (n_groups + 1,) for name, shape in c["ours_calls"]), \
-                    c["ours_calls"]
-                out[mode] = c["ours"] // steps
-                with count_collectives() as c2:
+                m["ours"] = [(c.name, c.shape) for c in cc.ours()]
+                m["n_groups"] = len(opt.param_groups)
+                with CommCounter() as cc:
                     opt.eval()
                     opt.train()
                     opt.eval()
-                assert c2["ours"] == 0 and c2["total"] == 0, (engine, c2)
-        assert totals["ours"] - totals["adamw"] == expect_per_step[mode] * steps, (engine, mode, totals)
+                m["train_eval"] = cc.total_calls
     return out
+
+
+def check_collectives(m: dict, per_step: int) -> None:
+    """Ours: ``per_step`` all-reduces of G + 1 float64 per step and nothing else (also: the
+    difference against AdamW in the same loop), none in train()/eval()."""
+    assert len(m["ours"]) == per_step * m["steps"], m["ours"]
+    assert all(name == "all_reduce" and shape == (m["n_groups"] + 1,) for name, shape in m["ours"]), m["ours"]
+    assert m["total_ours"] - m["total_adamw"] == per_step * m["steps"], (m["total_ours"], m["total_adamw"])
+    assert m["train_eval"] == 0, m["train_eval"]

@@ -4,18 +4,13 @@ Closed forms: a quadratic L(w) = mean_b (½ wᵀA_b w − c_bᵀw), whose Hessia
 mean of the A_b with known eigenvalues; its loss along a direction is a parabola
 and its SAM sharpness is ρ||g|| + ½ρ² gᵀAg/||g||².
 
-Distributed: this file is also the worker script (``python test_analysis.py
-ddp|fsdp2 RANK WORLD PORT``); every rank computes the single-process reference on
-all batches and asserts that the DDP / FSDP2 result on its own share equals it.
+Distributed (2 gloo ranks, one run per layout): every rank computes the single-process
+reference on all batches and the DDP / FSDP2 result on its own share; each test compares
+one quantity on every rank.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -389,87 +384,60 @@ def _assert_same(a, b):
         torch.testing.assert_close(flat_a, flat_b, rtol=1e-9, atol=1e-12, msg=lambda m: f"{k}: {m}")
 
 
-def _worker(kind, rank, world, port):
-    import torch.distributed as dist
-
-    from sharded_msam_sf.teardown import close_process_group
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
-    try:
-        _check(kind, rank, world)
-    finally:
-        close_process_group()  # after _check's frame (and its models) are gone
-
-
-def _check(kind, rank, world):
-    import torch.distributed as dist
-
+def _ranks(rank, world, kind):
+    """On every rank: the single-process reference on all batches, and the DDP / FSDP2 measures
+    on this rank's share of them (each test below compares one quantity)."""
     batches = _data(2 * world)
     mine = batches[rank::world]
-    reference = _measure(_mlp(), batches, with_hessian=(kind == "ddp"))
+    out = {"reference": _measure(_mlp(), batches, with_hessian=(kind == "ddp"))}
     if kind == "ddp":
         model = nn.parallel.DistributedDataParallel(_mlp())
         before = [p.detach().clone() for p in model.parameters()]
-        _assert_same(reference, _measure(model, mine))
-        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    else:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        out["measured"] = _measure(model, mine)
+        out["unchanged"] = all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        return out
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-        model = _mlp()
-        mesh = init_device_mesh("cpu", (world,))
-        fully_shard(model[0], mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        before = [p.to_local().detach().clone() for p in model.parameters()]
-        _assert_same(reference, _measure(model, mine, with_hessian=False))
-        for p, b in zip(model.parameters(), before):
-            assert torch.equal(p.to_local(), b)
-        try:
-            top_hessian_eigenvalue(model, ce_loss, mine, iters=2)
-        except NotImplementedError as e:
-            assert "FSDP2" in str(e) and "autograd graph" in str(e)
-        else:
-            raise AssertionError("Hessian on FSDP2 should raise NotImplementedError")
-        # the model still trains/evaluates after the measurements
-        ce_loss(model, mine[0]).backward()
-    dist.barrier()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_ranks(kind, world=2, timeout=180):
-    port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    procs = [subprocess.Popen([sys.executable, __file__, kind, str(r), str(world), str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-             for r in range(world)]
-    outputs = []
+    model = _mlp()
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    before = [p.to_local().detach().clone() for p in model.parameters()]
+    out["measured"] = _measure(model, mine, with_hessian=False)
+    out["unchanged"] = all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before))
     try:
-        for p in procs:
-            out, _ = p.communicate(timeout=timeout)
-            outputs.append(out.decode(errors="replace"))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"{kind} ranks hung for {timeout}s and were killed")
-    for r, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{out}"
+        top_hessian_eigenvalue(model, ce_loss, mine, iters=2)
+        out["hessian_error"] = None
+    except NotImplementedError as e:
+        out["hessian_error"] = str(e)
+    # the model still trains/evaluates after the measurements
+    ce_loss(model, mine[0]).backward()
+    return out
 
 
-def test_ddp_equals_single_process():
-    _run_ranks("ddp")
+@pytest.fixture(scope="module")
+def distributed():
+    """{kind: {rank: measurements}} for DDP and FSDP2 on 2 gloo ranks."""
+    from sharded_msam_sf.local_ranks import run_ranks
+    return {kind: run_ranks(_ranks, 2, kind, timeout=300) for kind in ("ddp", "fsdp2")}
 
 
-def test_fsdp2_equals_single_process_and_hessian_is_refused():
-    _run_ranks("fsdp2")
+@pytest.mark.parametrize("kind, quantity", [("ddp", "hessian"), ("ddp", "l1"), ("ddp", "l2"), ("ddp", "sharp"),
+                                            ("fsdp2", "l1"), ("fsdp2", "l2"), ("fsdp2", "sharp")])
+def test_distributed_equals_single_process(distributed, kind, quantity):
+    for rank, r in distributed[kind].items():
+        assert set(r["measured"]) == set(r["reference"]), (rank, sorted(r["measured"]), sorted(r["reference"]))
+        _assert_same({quantity: r["reference"][quantity]}, {quantity: r["measured"][quantity]})
 
 
-if __name__ == "__main__":
-    _kind, _rank, _world, _port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    torch.set_num_threads(1)
-    _worker(_kind, _rank, _world, _port)
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_distributed_measures_leave_the_parameters_unchanged(distributed, kind):
+    for rank, r in distributed[kind].items():
+        assert r["unchanged"], rank
+
+
+def test_fsdp2_hessian_is_refused(distributed):
+    for rank, r in distributed["fsdp2"].items():
+        err = r["hessian_error"]
+        assert err is not None and "FSDP2" in err and "autograd graph" in err, (rank, err)

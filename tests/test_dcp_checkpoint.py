@@ -11,7 +11,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from tests import sharded_common as C
 from tests.harness import run_ranks
@@ -54,6 +53,7 @@ def load(model, opt, path):
 
 
 def _save_and_resume_ws2(rank, world_size, root):
+    out = {}
     for engine in ENGINES:
         for mode in MODES:
             path = os.path.join(root, f"{engine}-{mode}")
@@ -66,7 +66,6 @@ def _save_and_resume_ws2(rank, world_size, root):
             model, opt = _build(engine, mode, seed=3)
             C.run_loop(model, opt, steps=SAVE_AT, final_eval=mode == "two_pass", **kw)
             scale = opt.param_groups[0]["ascent_scale"]
-            assert (scale != 0.0) == (mode == "one_pass")
             save(model, opt, path)
             if rank == 0:
                 torch.save(full, os.path.join(root, f"{engine}-{mode}.expected.pt"))
@@ -74,47 +73,78 @@ def _save_and_resume_ws2(rank, world_size, root):
             model, opt = _build(engine, mode, seed=11)
             load(model, opt, path)
             g = opt.param_groups[0]
-            assert g["k"] == SAVE_AT and g["train_mode"] == (mode == "one_pass") and g["ascent_scale"] == scale
-            for p in model.parameters():
-                for key in ("z", "exp_avg_sq", "exp_avg"):
-                    if key in opt.state.get(p, {}):
-                        assert opt.state[p][key].dtype == torch.float32
+            r = out[(engine, mode)] = dict(saved_scale=scale, k=g["k"], train_mode=g["train_mode"],
+                                           scale=g["ascent_scale"])
+            r["state_dtypes"] = {str(opt.state[p][key].dtype) for p in model.parameters()
+                                 for key in ("z", "exp_avg_sq", "exp_avg") if key in opt.state.get(p, {})}
             C.run_loop(model, opt, steps=STEPS, start=SAVE_AT, **kw)
             resumed = C.full_weights(model)
-            bad = [k for k in full if not torch.equal(full[k], resumed[k])]
-            assert not bad, (engine, mode, bad, C.max_abs_diff(full, resumed))
-            if rank == 0:
-                print(f"RESUME ws2 {engine} {mode} bit-identical")
+            r["not_bit_identical"] = [k for k in full if not torch.equal(full[k], resumed[k])]
+            r["diff"] = C.max_abs_diff(full, resumed)
+    return out
 
 
 def _resume_other_ws(rank, world_size, root):
+    out = {}
     for engine in ENGINES:
         for mode in MODES:
             path = os.path.join(root, f"{engine}-{mode}")
             model, opt = _build(engine, mode, seed=11)
             load(model, opt, path)
-            assert opt.param_groups[0]["k"] == SAVE_AT
+            k = opt.param_groups[0]["k"]
             C.run_loop(model, opt, mode=mode, steps=STEPS, start=SAVE_AT, dp_rank=rank, dp_size=world_size,
                        switch_at=SWITCH_AT)
             resumed = C.full_weights(model)
             full = torch.load(os.path.join(root, f"{engine}-{mode}.expected.pt"), weights_only=True)
-            diff = C.max_abs_diff(full, resumed)
-            assert diff <= C.TOL, (engine, mode, world_size, diff)
-            if rank == 0:
-                print(f"RESUME ws{world_size} {engine} {mode} max|diff| {diff:.3e}")
+            out[(engine, mode)] = dict(k=k, diff=C.max_abs_diff(full, resumed))
+    return out
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
+    """(the root of the checkpoints saved at world size 2, every rank's measurements of the resume there)."""
     root = str(tmp_path_factory.mktemp("dcp"))
-    run_ranks(_save_and_resume_ws2, 2, root, timeout=300)
-    return root
+    return root, run_ranks(_save_and_resume_ws2, 2, root, timeout=300)
 
 
-def test_dcp_resume_same_world_size_bit_identical(checkpoints):
-    assert os.path.exists(os.path.join(checkpoints, "fsdp2-one_pass.expected.pt"))
+@pytest.fixture(scope="module")
+def resharded(checkpoints):
+    """{world size: every rank's measurements} of resuming the world-size-2 checkpoints at 1 and 4 ranks."""
+    root, _ = checkpoints
+    return {ws: run_ranks(_resume_other_ws, ws, root, timeout=300) for ws in (1, 4)}
 
 
+CASES = [(e, m) for e in ENGINES for m in MODES]
+
+
+@pytest.mark.parametrize("engine, mode", CASES)
+def test_dcp_resume_restores_step_mode_and_ascent(checkpoints, engine, mode):
+    for rank, res in checkpoints[1].items():
+        r = res[(engine, mode)]
+        assert (r["saved_scale"] != 0.0) == (mode == "one_pass"), (rank, r)   # one_pass saves at the ascent
+        assert r["k"] == SAVE_AT and r["train_mode"] == (mode == "one_pass") and r["scale"] == r["saved_scale"], \
+            (rank, r)
+
+
+@pytest.mark.parametrize("engine, mode", CASES)
+def test_dcp_resume_keeps_fp32_state(checkpoints, engine, mode):
+    for rank, res in checkpoints[1].items():
+        assert res[(engine, mode)]["state_dtypes"] == {"torch.float32"}, (rank, res[(engine, mode)])
+
+
+@pytest.mark.parametrize("engine, mode", CASES)
+def test_dcp_resume_same_world_size_bit_identical(checkpoints, engine, mode):
+    for rank, res in checkpoints[1].items():
+        r = res[(engine, mode)]
+        assert not r["not_bit_identical"], (rank, r["not_bit_identical"], r["diff"])
+    print(f"RESUME ws2 {engine} {mode} bit-identical")
+
+
+@pytest.mark.parametrize("engine, mode", CASES)
 @pytest.mark.parametrize("world_size", [1, 4])
-def test_dcp_resume_resharded(checkpoints, world_size):
-    run_ranks(_resume_other_ws, world_size, checkpoints, timeout=300)
+def test_dcp_resume_resharded(resharded, world_size, engine, mode):
+    for rank, res in resharded[world_size].items():
+        r = res[(engine, mode)]
+        assert r["k"] == SAVE_AT, (rank, r)
+        assert r["diff"] <= C.TOL, (rank, r)
+    print(f"RESUME ws{world_size} {engine} {mode} max|diff| {resharded[world_size][0][(engine, mode)]['diff']:.3e}")

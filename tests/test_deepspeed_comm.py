@@ -1,11 +1,8 @@
 """Communication per ZeRO step: our optimizer adds one all-reduce of a few scalars to a one_pass
 step and nothing else, against the same config with torch.optim.AdamW (2 gloo ranks)."""
-import json
-
 import pytest
 
 from tests.ds_scenarios import shm_op  # noqa: F401
-from tests.harness import run_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shm_op")]
 
@@ -41,27 +38,42 @@ def measure(S, stage, dtype, which, steps=3):
     return fwd_bwd, step
 
 
-def _comm_ranks(rank, world, out_path):
+CASES = {f"zero{stage}/{dtype}": (stage, dtype) for stage, dtype in ((1, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16"))}
+
+
+def _comm_ranks(rank, world, rec):
     from tests import ds_scenarios as S
-    results = {}
-    for stage, dtype in ((1, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16")):
+
+    def run(name, stage, dtype):
         ours_fb, ours_step = measure(S, stage, dtype, "ours")
         adamw_fb, adamw_step = measure(S, stage, dtype, "adamw")
-        results[f"zero{stage}/{dtype}"] = {"ours": {"fwd_bwd": ours_fb, "step": ours_step},
-                                          "adamw": {"fwd_bwd": adamw_fb, "step": adamw_step}}
-        assert ours_fb == adamw_fb, (stage, dtype, ours_fb, adamw_fb)
-        extra = {k: {"calls": ours_step.get(k, {}).get("calls", 0) - adamw_step.get(k, {}).get("calls", 0),
-                     "bytes": ours_step.get(k, {}).get("bytes", 0) - adamw_step.get(k, {}).get("bytes", 0)}
-                 for k in set(ours_step) | set(adamw_step)}
-        extra = {k: v for k, v in extra.items() if v["calls"] or v["bytes"]}
+        rec(name, ours={"fwd_bwd": ours_fb, "step": ours_step}, adamw={"fwd_bwd": adamw_fb, "step": adamw_step})
+
+    for name, args in CASES.items():
+        rec.case(name, lambda: run(name, *args))
+
+
+@pytest.fixture(scope="module")
+def comm_runs(tmp_path_factory):
+    from tests import ds_scenarios as S
+    return S.run_cases(_comm_ranks, tmp_path_factory.mktemp("ds_comm"))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_backward_communicates_as_with_adamw(comm_runs, case):
+    from tests import ds_scenarios as S
+    for r, v in enumerate(S.case_values(comm_runs, case)):
+        assert v["ours"]["fwd_bwd"] == v["adamw"]["fwd_bwd"], (r, v)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_one_pass_step_adds_one_scalar_all_reduce_vs_adamw(comm_runs, case):
+    from tests import ds_scenarios as S
+    for r, v in enumerate(S.case_values(comm_runs, case)):
+        ours, adamw = v["ours"]["step"], v["adamw"]["step"]
+        extra = {k: {"calls": ours.get(k, {}).get("calls", 0) - adamw.get(k, {}).get("calls", 0),
+                     "bytes": ours.get(k, {}).get("bytes", 0) - adamw.get(k, {}).get("bytes", 0)}
+                 for k in set(ours) | set(adamw)}
+        extra = {k: e for k, e in extra.items() if e["calls"] or e["bytes"]}
         # one all-reduce of [sumsq_group0, sumsq_group1, nonfinite] in float64
-        assert extra == {"all_reduce": {"calls": 1, "bytes": 3 * 8}}, (stage, dtype, extra)
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f, indent=1)
-
-
-def test_one_pass_step_adds_one_scalar_all_reduce_vs_adamw(tmp_path):
-    out = tmp_path / "comm.json"
-    run_ranks(_comm_ranks, 2, str(out), timeout=400)
-    print(json.dumps(json.loads(out.read_text())))
+        assert extra == {"all_reduce": {"calls": 1, "bytes": 3 * 8}}, (r, extra)

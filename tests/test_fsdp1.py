@@ -1,6 +1,12 @@
 """FSDP1 ``FullyShardedDataParallel`` (use_orig_params True and False, 2 gloo ranks):
-equivalence with the single-process optimizer, the global norm, the collectives per
-step, NaN skips, stale roots, bf16 MixedPrecision with fp32 shards."""
+equivalence with the single-process optimizer (the global norm, ascent scales, NaN skips,
+eval losses, weights), the handles found with and without ``model=``, 1-D views and flat
+padding, stale roots, the collectives per step, bf16 MixedPrecision against a control
+under the same precision policy.
+
+One multi-process run (the ``runs`` fixture) measures everything; each test asserts one
+behaviour of one engine on every rank's measurements.
+"""
 from __future__ import annotations
 
 import pytest
@@ -9,85 +15,136 @@ import torch
 from tests import sharded_common as C
 from tests.harness import run_ranks
 
+ENGINES = ("fsdp1_orig", "fsdp1_flat")
+MODES = ("one_pass", "two_pass")
 
-def _equivalence(rank, world_size):
+
+def _backend_and_layout(engine, rank, world_size):
     from sharded_msam_sf.backends.fsdp1 import FSDP1Backend
-    for engine in ("fsdp1_orig", "fsdp1_flat"):
-        for mode in ("one_pass", "two_pass"):
-            diff = C.check_equivalence(engine, mode, rank, world_size)
-            if rank == 0:
-                print(f"MAXDIFF {engine} {mode} {diff:.3e}")
-        # found from the params alone (no model=), and the same with model=
-        model = C.wrap(engine, C.make_model())
-        a = C.AdamWMSAMScheduleFree(model.parameters())
-        b = C.AdamWMSAMScheduleFree(model.parameters(), model=model)
-        assert isinstance(a.backend, FSDP1Backend) and len(a.backend.handles) == 3, a.backend
-        assert {id(h) for h in a.backend.handles} == {id(h) for h in b.backend.handles}
-        if engine == "fsdp1_orig":   # 1-D views, size 0 where this rank holds none of the param
-            assert all(p.ndim == 1 for p in model.parameters())
-            assert any(p.numel() == 0 for p in model.parameters())  # each rank lacks some param
-        else:                        # padding in the flat shard stays zero in m, v, z and the param
-            C.run_loop(model, a, mode="one_pass", steps=3, dp_rank=rank, dp_size=world_size, final_eval=False)
-            for p in model.parameters():
-                pad = p._shard_numel_padded if hasattr(p, "_shard_numel_padded") else 0
-                if pad:
-                    for t in (p, a.state[p]["z"], a.state[p]["exp_avg"], a.state[p]["exp_avg_sq"]):
-                        assert torch.count_nonzero(t.detach()[-pad:]) == 0
-            assert any(getattr(p, "_shard_numel_padded", 0) for p in model.parameters()) == (rank == 1)
-
-
-def test_fsdp1_equivalence_norm_nan_switch():
-    run_ranks(_equivalence, 2, timeout=300)
-
-
-def _misc(rank, world_size):
-    _not_found(rank, world_size)
-    for engine in ("fsdp1_orig", "fsdp1_flat"):
-        # eval() after an eval forward (the root keeps its unsharded flat param) is seen by the next forward
-        model = C.wrap(engine, C.make_model())
-        opt = C.AdamWMSAMScheduleFree(model.parameters(), lr=0.05)
-        C.run_loop(model, opt, mode="one_pass", steps=3, dp_rank=rank, dp_size=world_size, final_eval=False)
-        x, _ = C.global_batch(0)
-        with torch.no_grad():
-            at_y = model(x)
-            opt.eval()
-            at_x = model(x)
-            opt.train()
-            back = model(x)
-        assert not torch.equal(at_y, at_x), (engine, "eval() was invisible to the next forward")
-        assert torch.allclose(back, at_y, atol=1e-6), (engine, (back - at_y).abs().max())
-
-        counts = C.check_collectives(engine, rank, world_size)
-        if rank == 0:
-            print(f"COLLECTIVES {engine} {counts}")
-
-        # bf16 MixedPrecision with fp32 sharded params: the state stays fp32
-        base = C.make_model(seed=3)
-        ref = C.clone_model(base)
-        model = C.wrap(engine, C.clone_model(base), mp=True)
-        opt = C.AdamWMSAMScheduleFree(model.parameters(), **C.HP)
-        C.run_loop(model, opt, mode="one_pass", steps=6, dp_rank=rank, dp_size=world_size, switch_at=2)
+    model = C.wrap(engine, C.make_model())
+    a = C.AdamWMSAMScheduleFree(model.parameters())
+    b = C.AdamWMSAMScheduleFree(model.parameters(), model=model)
+    out = dict(is_fsdp1=isinstance(a.backend, FSDP1Backend), n_handles=len(a.backend.handles),
+               same_handles={id(h) for h in a.backend.handles} == {id(h) for h in b.backend.handles})
+    if engine == "fsdp1_orig":   # 1-D views, size 0 where this rank holds none of the param
+        out["all_1d"] = all(p.ndim == 1 for p in model.parameters())
+        out["has_empty_view"] = any(p.numel() == 0 for p in model.parameters())
+    else:                        # padding in the flat shard stays zero in m, v, z and the param
+        C.run_loop(model, a, mode="one_pass", steps=3, dp_rank=rank, dp_size=world_size, final_eval=False)
+        nonzero = 0
         for p in model.parameters():
-            assert p.dtype == torch.float32
-            if p.numel() == 0:
-                continue   # FSDP1 gives no gradient to an empty view: it gets no state
-            for key in ("z", "exp_avg_sq", "exp_avg"):
-                assert opt.state[p][key].dtype == torch.float32
-        ref_opt = C.AdamWMSAMScheduleFree(ref.parameters(), **C.HP)
-        C.run_loop(ref, ref_opt, mode="one_pass", steps=6, dp_rank=0, dp_size=1, switch_at=2)
-        diff = C.max_abs_diff(C.full_weights(model), {k: v.float() for k, v in ref.state_dict().items()})
-        assert diff < 3e-2, diff
-        if rank == 0:
-            print(f"MAXDIFF {engine}-bf16 one_pass {diff:.3e}")
+            pad = getattr(p, "_shard_numel_padded", 0)
+            if pad:
+                for t in (p, a.state[p]["z"], a.state[p]["exp_avg"], a.state[p]["exp_avg_sq"]):
+                    nonzero += int(torch.count_nonzero(t.detach()[-pad:]))
+        out["padding_nonzero"] = nonzero
+        out["has_padding"] = any(getattr(p, "_shard_numel_padded", 0) for p in model.parameters())
+    return out
 
 
-def test_fsdp1_stale_root_collectives_bf16():
-    run_ranks(_misc, 2, timeout=300)
+def _stale_root(engine, rank, world_size):
+    # eval() after an eval forward (the root keeps its unsharded flat param) is seen by the next forward
+    model = C.wrap(engine, C.make_model())
+    opt = C.AdamWMSAMScheduleFree(model.parameters(), lr=0.05)
+    C.run_loop(model, opt, mode="one_pass", steps=3, dp_rank=rank, dp_size=world_size, final_eval=False)
+    x, _ = C.global_batch(0)
+    with torch.no_grad():
+        at_y = model(x)
+        opt.eval()
+        at_x = model(x)
+        opt.train()
+        back = model(x)
+    return dict(eval_visible=not torch.equal(at_y, at_x), train_back=float((back - at_y).abs().max()))
 
 
-def _not_found(rank, world_size):
+def _unit_not_found_error():
     # a flattened param whose FSDP unit is not in model=: the error names model=
     model = C.wrap("fsdp1_orig", C.make_model())
-    other = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="model="):
-        C.AdamWMSAMScheduleFree(model.parameters(), model=other)
+    try:
+        C.AdamWMSAMScheduleFree(model.parameters(), model=torch.nn.Linear(2, 2))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _ranks(rank, world_size):
+    out = {"not_found_error": _unit_not_found_error()}
+    for engine in ENGINES:
+        for mode in MODES:
+            out[(engine, mode)] = C.measure_equivalence(engine, mode, rank, world_size)
+        out[("backend", engine)] = _backend_and_layout(engine, rank, world_size)
+        out[("stale_root", engine)] = _stale_root(engine, rank, world_size)
+        out[("collectives", engine)] = C.measure_collectives(engine, rank, world_size)
+        out[("bf16", engine)] = C.measure_bf16(engine, rank, world_size)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return run_ranks(_ranks, 2, timeout=400)
+
+
+@pytest.mark.parametrize("check", C.EQUIVALENCE_CHECKS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_equals_single_process(runs, engine, mode, check):
+    C.assert_on_every_rank(runs, (engine, mode), C.EQUIVALENCE_CHECKS[check])
+    if check == "final_weights":
+        print(f"MAXDIFF {engine} {mode} {runs[0][(engine, mode)]['diff']:.3e}")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_handles_found_from_the_params_as_with_model(runs, engine):
+    for rank, r in runs.items():
+        b = r[("backend", engine)]
+        assert b["is_fsdp1"] and b["n_handles"] == 3 and b["same_handles"], (rank, b)
+
+
+def test_orig_params_are_1d_views_some_empty(runs):
+    for rank, r in runs.items():
+        b = r[("backend", "fsdp1_orig")]
+        assert b["all_1d"] and b["has_empty_view"], (rank, b)
+
+
+def test_flat_padding_stays_zero(runs):
+    for rank, r in runs.items():
+        assert r[("backend", "fsdp1_flat")]["padding_nonzero"] == 0, (rank, r[("backend", "fsdp1_flat")])
+    assert [runs[r][("backend", "fsdp1_flat")]["has_padding"] for r in sorted(runs)] == [False, True]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_eval_after_an_eval_forward_is_seen_by_the_next_forward(runs, engine):
+    for rank, r in runs.items():
+        s = r[("stale_root", engine)]
+        assert s["eval_visible"], (rank, "eval() was invisible to the next forward (stale root)")
+        assert s["train_back"] <= 1e-6, (rank, s)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_one_all_reduce_per_gradient_and_none_in_train_eval(runs, engine, mode):
+    per_step = {"one_pass": 1, "two_pass": 2}[mode]
+    C.assert_on_every_rank(runs, ("collectives", engine), lambda m: C.check_collectives(m[mode], per_step=per_step))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bf16_mixed_precision_keeps_fp32_shards_and_state(runs, engine):
+    for rank, r in runs.items():
+        b = r[("bf16", engine)]
+        assert b["param_dtypes"] == {"torch.float32"} and b["state_dtypes"] == {"torch.float32"}, (rank, b)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bf16_equals_control_under_the_same_precision_policy(runs, engine):
+    for rank, r in runs.items():
+        b = r[("bf16", engine)]
+        assert b["diff"] <= C.TOL, (rank, b["diff"], b["diff_vs_fp32"])
+        for a, c in zip(b["eval_loss"], b["ref_eval_loss"]):
+            assert abs(a - c) <= C.TOL, (rank, b["eval_loss"], b["ref_eval_loss"])
+    b = runs[0][("bf16", engine)]
+    print(f"MAXDIFF {engine}-bf16 one_pass {b['diff']:.3e} (vs an fp32 control: {b['diff_vs_fp32']:.3e})")
+
+
+def test_unit_not_in_model_argument_names_model(runs):
+    for rank, r in runs.items():
+        assert r["not_found_error"] is not None and "model=" in r["not_found_error"], (rank, r["not_found_error"])

@@ -14,19 +14,35 @@ from tests.harness import run_ranks
 pytestmark = pytest.mark.skipif(not K.compile_available("cpu"), reason="torch.compile unavailable on CPU")
 
 
+FSDP_CASES = (("fsdp2", "one_pass"), ("fsdp2", "two_pass"), ("fsdp1_flat", "one_pass"))
+
+
 def _fsdp_ranks(rank, world_size):
     from sharded_msam_sf import kernels as K
     from tests import sharded_common as C
-    for engine, mode in (("fsdp2", "one_pass"), ("fsdp2", "two_pass"), ("fsdp1_flat", "one_pass")):
-        if True:
-            before = K.compile_counters()["calls"]
-            diff = C.check_equivalence(engine, mode, rank, world_size, opt_kwargs={"fused": True})
-            assert K.compile_counters()["calls"] > before, "the fused kernels were not used"
-            assert diff <= 1e-5, (engine, mode, diff)
+    out = {}
+    for engine, mode in FSDP_CASES:
+        before = K.compile_counters()["calls"]
+        out[(engine, mode)] = C.measure_equivalence(engine, mode, rank, world_size, opt_kwargs={"fused": True})
+        out[(engine, mode)]["compiled_calls"] = K.compile_counters()["calls"] - before
+    return out
 
 
-def test_fused_fsdp2_fsdp1_equal_single_process():
-    run_ranks(_fsdp_ranks, 2, timeout=400)
+@pytest.fixture(scope="module")
+def fsdp_runs():
+    return run_ranks(_fsdp_ranks, 2, timeout=400)
+
+
+@pytest.mark.parametrize("check", ["fused_kernels_used", "global_norm", "ascent_scales", "nan_skips", "eval_loss",
+                                   "final_weights"])
+@pytest.mark.parametrize("engine, mode", FSDP_CASES)
+def test_fused_fsdp2_fsdp1_equal_single_process(fsdp_runs, engine, mode, check):
+    from tests import sharded_common as C
+    if check == "fused_kernels_used":
+        for rank, r in fsdp_runs.items():
+            assert r[(engine, mode)]["compiled_calls"] > 0, (rank, "the fused kernels were not used")
+        return
+    C.assert_on_every_rank(fsdp_runs, (engine, mode), C.EQUIVALENCE_CHECKS[check])
 
 
 def _ds_ranks(rank, world, out_path):

@@ -252,28 +252,6 @@ def test_gpu_config_is_about_1_3b_parameters():
     assert cfg.engine.dtype == "bf16" and cfg.engine.device == "cuda"
 
 
-# ------------------------------------------------------------------ launcher environments
-@pytest.mark.parametrize("launcher_env, expect", [
-    ({"PMI_RANK": "1", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1"}, ("1", "4", "1")),  # MPICH / Hydra
-    ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}, ("3", "4", "1")),
-    ({"SLURM_PROCID": "2", "SLURM_NTASKS": "8", "SLURM_LOCALID": "2"}, ("2", "8", "2")),  # srun
-    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "PMI_RANK": "0"}, ("1", "2", "1")),  # torchrun wins
-    ({}, ("0", "1", "0")),  # plain python
-])
-def test_ranks_from_the_launcher(monkeypatch, launcher_env, expect):
-    from sharded_msam_sf.job.engines import _fill_launcher_env
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PMI_RANK", "PMI_SIZE",
-                "MPI_LOCALRANKID", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-                "PMIX_RANK", "PMIX_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
-        monkeypatch.delenv(var, raising=False)
-    for k, v in launcher_env.items():
-        monkeypatch.setenv(k, v)
-    _fill_launcher_env()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == expect
-    assert os.environ["MASTER_ADDR"] == "127.0.0.1"
-    assert int(os.environ["MASTER_PORT"]) > 0
-
-
 # ------------------------------------------------------------------ hostile configs (issue 14, item 7)
 @pytest.mark.parametrize("text, key", [
     ('{"train": {"grad_clip": NaN}}', r"train\.grad_clip.*>= 0"),

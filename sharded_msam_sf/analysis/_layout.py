@@ -36,42 +36,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..backends import Backend, LocalBackend, engine_kind
+
 LossFn = Callable[[nn.Module, object], torch.Tensor]
-
-
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        return False
-    return isinstance(t, DTensor)
-
-
-def _is_fsdp2(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-def _is_fsdp1(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # pragma: no cover
-        return False
-    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
 
 
 @dataclass
 class Layout:
     """The resolved layout of a model (see the module docstring)."""
 
-    kind: str  # "local" | "ddp" | "fsdp2"
+    kind: str  # "local" | "ddp" | "fsdp2": the rule of sharded_msam_sf.backends that applies
     model: nn.Module  # what the user passed; train/eval flags are set on it
     forward_module: nn.Module  # what loss_fn is called with
     params: list  # trainable parameters, model order
     group: object  # process group for data (and shard) reductions; None if local
+    backend: Backend  # the optimizer's back end for these params: local shards, stale-parameter resets
 
     @property
     def distributed(self) -> bool:
@@ -87,7 +66,7 @@ class Layout:
 
     def local(self, p: torch.Tensor) -> torch.Tensor:
         """This rank's part of a parameter (or gradient): the shard for DTensors."""
-        return p.to_local() if _is_dtensor(p) else p
+        return self.backend.local(p)
 
     def local_params(self) -> list:
         return [self.local(p).detach() for p in self.params]
@@ -100,14 +79,9 @@ class Layout:
     def reshard(self) -> None:
         """FSDP2: drop any unsharded parameters so that the next forward all-gathers
         the (possibly edited) shards. A root left unsharded after forward would
-        otherwise keep computing with stale full parameters."""
-        if self.kind != "fsdp2":
-            return
-        from torch.distributed.fsdp import FSDPModule
-
-        for m in self.model.modules():
-            if isinstance(m, FSDPModule):
-                m.reshard()
+        otherwise keep computing with stale full parameters (the back end's
+        ``params_changed``; nothing to do for the other layouts)."""
+        self.backend.params_changed()
 
     def log(self, msg: str, progress: bool) -> None:
         if progress and self.rank == 0:
@@ -115,44 +89,46 @@ class Layout:
 
 
 def resolve(model: nn.Module) -> Layout:
-    """Classify ``model`` as local, DDP or FSDP2; raise for what is not supported."""
+    """Classify ``model`` as local, DDP or FSDP2 (by :func:`sharded_msam_sf.backends.engine_kind`,
+    the optimizer's own rule); raise for what is not supported."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, nn.parallel.DistributedDataParallel):
+    kind = engine_kind(list(model.parameters()), model=model)
+    if kind == "ddp":
         params = [p for p in model.module.parameters() if p.requires_grad]
-        layout = Layout("ddp", model, model.module, params, model.process_group)
-    elif _is_fsdp2(model):
+        layout = Layout("ddp", model, model.module, params, model.process_group, LocalBackend())
+    elif kind == "fsdp2":
+        from torch.distributed.tensor import Shard
+
+        from ..backends.fsdp2 import FSDP2Backend, is_dtensor
+
         params = [p for p in model.parameters() if p.requires_grad]
-        group = None
         for p in params:
-            if not _is_dtensor(p):
+            if not is_dtensor(p):
                 raise NotImplementedError(
                     "FSDP2 model with a parameter that is not a DTensor shard: apply "
                     "fully_shard to the root module so that every parameter is sharded"
                 )
-            mesh = p.device_mesh
-            if mesh.ndim != 1:
+            if p.device_mesh.ndim != 1:
                 raise NotImplementedError(
                     "FSDP2 on a 2-D (HSDP) mesh is not supported by the analysis "
                     "functions: only a 1-D shard mesh"
                 )
-            from torch.distributed.tensor import Shard
-
             if tuple(p.placements) != (Shard(0),):
                 raise NotImplementedError(
                     f"FSDP2 parameter placement {tuple(p.placements)} is not supported: "
                     "filter normalization needs dim-0 sharding, Shard(0) (the default)"
                 )
-            group = mesh.get_group()
-        layout = Layout("fsdp2", model, model, params, group)
-    elif _is_fsdp1(model):
+        backend = FSDP2Backend(list(model.parameters()), model=model)
+        layout = Layout("fsdp2", model, model, params, backend.process_group, backend)
+    elif kind in ("fsdp1", "deepspeed"):
         raise NotImplementedError(
-            "FSDP1 (FullyShardedDataParallel) models are not supported by the analysis "
-            "functions; use FSDP2 (fully_shard), DDP, or a full copy of the model"
+            f"{'FSDP1 (FullyShardedDataParallel)' if kind == 'fsdp1' else 'DeepSpeed ZeRO-3'} models are not "
+            "supported by the analysis functions; use FSDP2 (fully_shard), DDP, or a full copy of the model"
         )
     else:
         params = [p for p in model.parameters() if p.requires_grad]
-        layout = Layout("local", model, model, params, None)
+        layout = Layout("local", model, model, params, None, LocalBackend())
     if not layout.params:
         raise ValueError("model has no parameters with requires_grad=True")
     return layout

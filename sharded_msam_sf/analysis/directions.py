@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._layout import Layout, _is_dtensor, resolve
+from ..backends import is_dtensor
+from ._layout import Layout, resolve
 
 _BIAS_BN = ("zero", "copy")
 
@@ -47,7 +48,7 @@ def _random(layout: Layout, seed: int) -> list:
     out = []
     for p in layout.params:
         full = torch.randn(tuple(p.shape), generator=gen, dtype=torch.float32)
-        if _is_dtensor(p):
+        if is_dtensor(p):
             from torch.distributed.tensor import distribute_tensor
 
             # src_data_rank=None: every rank keeps its own slice of its own copy

@@ -9,9 +9,11 @@
   the optimizer holds *is* the local shard: ``local(t) = t``, and the state
   (``clone``/``zeros_like``) has the shard's shape. FSDP1's optimizer state dict
   (used by ``torch.distributed.checkpoint.state_dict``) unflattens/reshards it.
-- **Norm group**: the handle's ``process_group`` (the shard group; for
-  ``HYBRID_SHARD`` the intra-node group, so replicas are not counted twice).
-  ``NO_SHARD`` units are replicas: their stats are reduced with MAX.
+- **Shares**: each parameter's local sum of squares adds up over its handle's
+  ``process_group`` (the shard group; for ``HYBRID_SHARD`` the intra-node group, so the
+  replica groups are left out and nothing is counted twice), one replica per element;
+  ``NO_SHARD`` units hold whole copies: ``size(group)`` replicas. ``process_group=``
+  replaces the handles' groups.
 - **Out-of-step changes**: FSDP1 does not free the root unit's unsharded flat
   parameter after a forward (nor any unit's under ``SHARD_GRAD_OP``); it points
   the params back at the shard but keeps the full copy, and the next forward
@@ -34,8 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._comm import all_reduce_stats_, group_ranks
-from .base import Backend
+from .base import Backend, Reduction, Share
 
 __all__ = ["FSDP1Backend", "is_fsdp1_param", "fsdp1_handles"]
 
@@ -72,8 +73,6 @@ def _members(handle) -> List[Tensor]:
 class FSDP1Backend(Backend):
     """FSDP1 ``FullyShardedDataParallel`` parameters (flat or original)."""
 
-    name = "fsdp1"
-
     def __init__(self, params: Iterable[Tensor], *, process_group=None,
                  model: Optional[torch.nn.Module] = None) -> None:
         params = list(params)
@@ -101,36 +100,20 @@ class FSDP1Backend(Backend):
                 "model= (the FullyShardedDataParallel-wrapped model), so that the optimizer can find the "
                 "process group and free stale unsharded parameters after train()/eval()")
         self._handles = owners
-        sharded = [h for h in owners if h.uses_sharded_strategy]
-        replicated = [h for h in owners if not h.uses_sharded_strategy]
-        if sharded and replicated:
-            raise ValueError("AdamWMSAMScheduleFree: the parameters mix NO_SHARD and sharded FSDP1 units; "
-                             "give each kind its own optimizer")
-        self._op = dist.ReduceOp.SUM if sharded or not owners else dist.ReduceOp.MAX
-        if process_group is None and owners:
-            groups = []
-            for h in owners:
-                if all(h.process_group is not g for g in groups):
-                    groups.append(h.process_group)
-            if len(groups) > 1:
-                ranks = [group_ranks(g) for g in groups]
-                raise ValueError(
-                    f"AdamWMSAMScheduleFree: the FSDP1 units shard over different process groups {ranks}; pass "
-                    "process_group= (the group over which the sums of squares of the shards add up to the global one)")
-            process_group = groups[0]
-        self._group = process_group
-        self._device = params[0].device if params else None
+        device = params[0].device if params else None
+        self._shares: Dict[int, Share] = {}
+        for p in params:
+            h = by_id[id(p)]
+            group = process_group if process_group is not None else h.process_group
+            self._shares[id(p)] = Share(group, 1 if h.uses_sharded_strategy else dist.get_world_size(group))
+        self.reduction = Reduction.of(self._shares.values(), device)
 
-    @property
-    def process_group(self):
-        return self._group
+    def share(self, p: Tensor) -> Share:
+        return self._shares[id(p)]
 
     @property
     def handles(self) -> List:
         return list(self._handles)
-
-    def all_reduce_(self, stats: Tensor) -> None:
-        all_reduce_stats_(stats, self._group, self._device, op=self._op)
 
     @staticmethod
     def _keeps_unsharded(h) -> bool:
@@ -147,4 +130,4 @@ class FSDP1Backend(Backend):
                 h._prefetched = False
 
     def __repr__(self) -> str:
-        return f"FSDP1Backend(group_ranks={group_ranks(self._group)}, units={len(self._handles)})"
+        return f"{super().__repr__()[:-1]}, units={len(self._handles)})"

@@ -6,9 +6,13 @@
   with ``clone``/``zeros_like`` of the DTensor param, so it is a DTensor with the
   same mesh and placements: ``torch.distributed.checkpoint`` can save it sharded
   and reshard it on load. The math only ever sees ``to_local()`` views.
-- **Norm group**: the mesh dimension whose placement is ``Shard`` (1-D FSDP mesh:
-  the whole mesh; HSDP ``(Replicate, Shard(0))``: the shard dimension's group
-  only — replicas hold the same shard and must not be counted twice).
+- **Shares** (from each DTensor's placements): the local sums of squares add up over
+  the mesh dimension whose placement is ``Shard`` (1-D FSDP mesh: the whole mesh; HSDP
+  ``(Replicate, Shard(0))``: the shard dimension's group only — the replica groups are
+  left out, so nothing is counted twice), one replica per element. A DTensor replicated
+  on a 1-D mesh: the mesh's group, ``size`` replicas. Several shard dimensions (a 2-D
+  shard, tensor parallelism) need a group spanning them: pass ``process_group=`` (then
+  every parameter's share is that group, one replica).
 - **Out-of-step changes**: FSDP2 keeps the root module unsharded after a forward
   (and every module whose ``reshard_after_forward``/``reshard_after_backward`` is
   off), and a later forward reuses those full parameters without reading the
@@ -20,13 +24,12 @@
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ._comm import all_reduce_stats_, group_ranks
-from .base import Backend
+from .base import Backend, Reduction, Share
 
 __all__ = ["FSDP2Backend", "is_dtensor", "fsdp2_modules"]
 
@@ -85,10 +88,29 @@ def fsdp2_modules(params: Sequence[Tensor], model: Optional[torch.nn.Module] = N
     return out
 
 
+def dtensor_share(p: Tensor) -> Share:
+    """How a DTensor's local sum of squares adds into the global one (see the module docstring)."""
+    placements = tuple(p.placements)
+    if any(pl.is_partial() for pl in placements):
+        raise ValueError("AdamWMSAMScheduleFree: a DTensor parameter has a Partial placement; "
+                         "parameters must be Shard or Replicate")
+    mesh = p.device_mesh
+    dims = [i for i, pl in enumerate(placements) if pl.is_shard()]
+    if len(dims) == 1:
+        return Share(mesh.get_group(dims[0]), 1)
+    if not dims and mesh.ndim == 1:
+        return Share(mesh.get_group(0), mesh.size())
+    if not dims:
+        raise ValueError(
+            f"AdamWMSAMScheduleFree: a DTensor parameter is replicated on every dimension of a {mesh.ndim}-D "
+            "mesh; pass process_group= explicitly (or use plain tensors: the local back end)")
+    raise ValueError(
+        f"AdamWMSAMScheduleFree: a DTensor parameter is sharded over {len(dims)} mesh dimensions {tuple(dims)}; "
+        "pass process_group= (a group spanning those dimensions, e.g. mesh[(names)]._flatten().get_group())")
+
+
 class FSDP2Backend(Backend):
     """DTensor parameters: FSDP2 ``fully_shard`` on a 1-D mesh, HSDP on a 2-D mesh."""
-
-    name = "fsdp2"
 
     def __init__(self, params: Iterable[Tensor], *, process_group=None,
                  model: Optional[torch.nn.Module] = None) -> None:
@@ -100,47 +122,13 @@ class FSDP2Backend(Backend):
                 "DTensor (FSDP2) parameters; their squared norm would be counted once per rank. Apply "
                 "fully_shard to the root module too (fully_shard(model) after the blocks), or give the "
                 "replicated parameters their own optimizer")
-        self._device = params[0].device if params else None
-        if process_group is None:
-            process_group = self._shard_group(params)
-        self._group = process_group
+        self._shares: Dict[int, Share] = {
+            id(p): Share(process_group, 1) if process_group is not None else dtensor_share(p) for p in params}
+        self.reduction = Reduction.of(self._shares.values(), params[0].device if params else None)
         self._modules = fsdp2_modules(params, model)
 
-    @staticmethod
-    def _shard_group(params: Sequence[Tensor]):
-        layouts = {}
-        for p in params:
-            placements = tuple(p.placements)
-            if any(pl.is_partial() for pl in placements):
-                raise ValueError("AdamWMSAMScheduleFree: a DTensor parameter has a Partial placement; "
-                                 "parameters must be Shard or Replicate")
-            dims = tuple(i for i, pl in enumerate(placements) if pl.is_shard())
-            layouts.setdefault((p.device_mesh, dims), 0)
-            layouts[(p.device_mesh, dims)] += 1
-        if len(layouts) > 1:
-            desc = ", ".join(f"mesh {tuple(m.mesh.shape)} sharded on dims {d}: {n} params"
-                             for (m, d), n in layouts.items())
-            raise ValueError(
-                "AdamWMSAMScheduleFree: the DTensor parameters are sharded over different meshes or mesh "
-                f"dimensions ({desc}); pass process_group= (the group over which the sums of squares of "
-                "the local shards add up to the global one, counting each element once)")
-        if not layouts:
-            return None
-        (mesh, dims), = layouts.keys()
-        if len(dims) == 0:
-            raise ValueError(
-                "AdamWMSAMScheduleFree: the DTensor parameters are replicated on every mesh dimension; "
-                "pass process_group= explicitly (or use plain tensors: the local back end)")
-        if len(dims) > 1:
-            raise ValueError(
-                f"AdamWMSAMScheduleFree: the DTensor parameters are sharded over {len(dims)} mesh dimensions "
-                f"{dims}; pass process_group= (a group spanning those dimensions, e.g. "
-                "mesh[(names)]._flatten().get_group())")
-        return mesh.get_group(dims[0])
-
-    @property
-    def process_group(self):
-        return self._group
+    def share(self, p: Tensor) -> Share:
+        return self._shares[id(p)]
 
     @property
     def fsdp_modules(self) -> List[torch.nn.Module]:
@@ -153,12 +141,9 @@ class FSDP2Backend(Backend):
             return t.to_local()
         return t
 
-    def all_reduce_(self, stats: Tensor) -> None:
-        all_reduce_stats_(stats, self._group, self._device)
-
     def params_changed(self) -> None:
         for m in self._modules:
             m.reshard()
 
     def __repr__(self) -> str:
-        return (f"FSDP2Backend(group_ranks={group_ranks(self._group)}, fsdp_modules={len(self._modules)})")
+        return f"{super().__repr__()[:-1]}, fsdp_modules={len(self._modules)})"

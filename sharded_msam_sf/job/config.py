@@ -130,19 +130,6 @@ _DEEPSPEED_OWNED = {
 }
 
 
-def _no_duplicate_keys(path):
-    """json object_pairs_hook: a key given twice is an error (json keeps the last one silently)."""
-    def hook(pairs):
-        seen = {}
-        for k, v in pairs:
-            if k in seen:
-                raise ConfigError(f"config file {path}: key '{k}' is given twice in one object "
-                                  "(JSON would silently keep the last one)")
-            seen[k] = v
-        return seen
-    return hook
-
-
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
 
@@ -214,17 +201,8 @@ def env_world_size() -> int:
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), world_size: int | None = None,
                 data_path: str | None = None) -> JobConfig:
     """Read, override and validate a job config; raises ConfigError naming the bad key."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = json.loads(p.read_text(), object_pairs_hook=_no_duplicate_keys(p))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {p} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {p} must hold a JSON object")
+    from sharded_msam_sf.jsonfile import read_json_object
+    raw: dict = read_json_object(path, ConfigError) if path is not None else {}
     for item in overrides:
         _set_override(raw, item)
     if data_path is not None:

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..launch_env import export as export_launch_env
 from .config import JobConfig
 from .model import GPT, Block, GPTConfig
 
@@ -224,14 +225,12 @@ def deepspeed_config(cfg: JobConfig) -> dict:
 
 class DeepSpeedEngine:
     def __init__(self, cfg: JobConfig, env: DistEnv):
-        import deepspeed
         self.cfg, self.env = cfg, env
         self.module = build_model(cfg, env.device)
         self.n_params = self.module.num_params()
         self.ds_config = deepspeed_config(cfg)
         from sharded_msam_sf.deepspeed import initialize
         self.model, self.optimizer, _, _ = initialize(model=self.module, config=self.ds_config)
-        self._deepspeed = deepspeed
 
     def forward(self, x, y):
         return self.model(x, y)
@@ -259,12 +258,9 @@ class DeepSpeedEngine:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
 
     def full_state_dict(self):
-        params = list(self.module.parameters())
-        ctx = (self._deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-               if self.cfg.engine.zero_stage == 3 else contextlib.nullcontext())
-        with ctx:
-            sd = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()} if self.env.rank == 0 else None
-        return sd
+        """The fp32 masters (x in eval mode), not rounded to a bf16 model's dtype: see
+        sharded_msam_sf.backends.zero.full_fp32_state_dict."""
+        return self.optimizer.eval_state_dict(rank0_only=True)
 
     def close(self) -> None:
         self.model.destroy()
@@ -278,32 +274,6 @@ def build_engine(cfg: JobConfig, env: DistEnv):
 
 
 # ---------------------------------------------------------------- process group
-def _fill_launcher_env() -> None:
-    """RANK/WORLD_SIZE/LOCAL_RANK from mpirun (Open MPI, MPICH/hydra) or srun when torchrun did not set them."""
-    env = os.environ
-    if "RANK" not in env:
-        for rank, size, local in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-                                  ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-                                  ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK"),
-                                  ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
-            if rank in env:
-                env["RANK"], env["WORLD_SIZE"] = env[rank], env.get(size, "1")
-                env["LOCAL_RANK"] = env.get(local, "0")
-                break
-        else:
-            env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    env.setdefault("LOCAL_RANK", "0")
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in env:
-        if env["WORLD_SIZE"] == "1":
-            import socket
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                env["MASTER_PORT"] = str(s.getsockname()[1])
-        else:
-            env["MASTER_PORT"] = "29500"
-
-
 def _restart_safe_store(world: int):
     """Under torchrun, the workers of every restart share the agent's TCPStore (torch 2.13 keeps one
     server across rendezvous rounds), so a restarted group would read the dead group's gloo/nccl
@@ -318,8 +288,8 @@ def _restart_safe_store(world: int):
 
 
 def init_distributed(cfg: JobConfig) -> DistEnv:
-    _fill_launcher_env()
-    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    launch = export_launch_env()  # torchrun, deepspeed, mpirun, srun or plain python
+    rank, world, local = launch.rank, launch.world_size, launch.local_rank
     use_cuda = cfg.engine.device == "cuda" or (cfg.engine.device == "auto" and torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():
