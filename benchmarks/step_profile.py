@@ -10,7 +10,8 @@ argument written once: the traffic of an unfused op). The compiled kernels are o
 to the dispatcher; their calls are counted at :func:`sharded_msam_sf.kernels.compiled.call`
 and charged the bytes of their generated code, which is one vectorized loop each
 (``TORCH_LOGS=output_code``): stats reads m, g (8 B/element in fp32), update_m reads
-p, g, z, v, m and writes p, z, v, m (36), update 28, fold 12, shift 12.
+p, g, z, v, m and writes p, z, v, m (36), update 28, fold 12, shift 12; the multi-tensor
+C++ kernel over lists of small tensors (``kernels/multi_tensor.py``) likewise, 8 and 36.
 
 Output per row: dispatcher ops, compiled calls, bytes per parameter, and that over
 fused AdamW's (28 B/param: ``_fused_adamw_`` reads p, g, m, v and writes p, m, v). The
@@ -72,7 +73,7 @@ class Counter(TorchDispatchMode):
 
 
 def profile(layout, total, names, small_count, small_numel):
-    from sharded_msam_sf.kernels import compiled as C
+    from sharded_msam_sf.kernels import compiled as C, multi_tensor as MT
     shp = step_speed.shapes(layout, total, small_count, small_numel)
     n_el = sum(torch.Size(s).numel() for s in shp)
     gen = torch.Generator().manual_seed(0)
@@ -97,11 +98,28 @@ def profile(layout, total, names, small_count, small_numel):
             with _disable_current_modes():
                 return _real(state, impl, kname, *args)
         C.call = counted
+        real_stats, real_update = MT.stats, MT.update_
+
+        def mt_stats(ms, gs, beta_m):
+            c = calls.setdefault("multi_stats", [0, 0])
+            c[0] += 1
+            c[1] += sum(t.numel() for t in gs) * 4 * (2 if len(ms) and beta_m is not None else 1)
+            with _disable_current_modes():
+                return real_stats(ms, gs, beta_m)
+
+        def mt_update(ps, gs, zs, vs, ms, sc):
+            c = calls.setdefault("multi_update", [0, 0])
+            c[0] += 1
+            c[1] += sum(t.numel() for t in ps) * 4 * (9 if ms is not None else 7)
+            with _disable_current_modes():
+                return real_update(ps, gs, zs, vs, ms, sc)
+        MT.stats, MT.update_ = mt_stats, mt_update
         try:
             with Counter() as cnt:
                 step_speed.one_step(name, opt, params, grads)
         finally:
             C.call = real
+            MT.stats, MT.update_ = real_stats, real_update
         kb = sum(b for _, b in calls.values())
         rows.append(dict(layout=layout, name=name, params=n_el, tensors=len(shp), dispatcher_ops=cnt.ops,
                          compiled_calls=sum(c for c, _ in calls.values()),

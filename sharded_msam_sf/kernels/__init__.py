@@ -10,8 +10,9 @@ The optimizer calls only the functions below (as torch.optim's ``adam()`` dispat
   (:mod:`.compiled`; on CUDA with fp32 state the hand-written :mod:`.triton` ones); a
   ``RuntimeError`` says why if they cannot run;
 - ``"auto"`` (the optimizer's default): the compiled kernels for tensors of at least
-  :data:`AUTO_MIN_NUMEL` elements (and every tensor with bf16 state), foreach for the
-  rest; where compilation is unavailable or fails, one warning and foreach from then on,
+  :data:`AUTO_MIN_NUMEL` elements (and every tensor with bf16 state); the smaller fp32 CPU
+  tensors, when a group has at least :data:`MULTI_MIN_TENSORS` of them, through one
+  multi-tensor C++ call per pass (:mod:`.multi_tensor`); foreach for the rest; where compilation is unavailable or fails, one warning and foreach from then on,
   for that optimizer (its :class:`FusedState`) and device type only.
 
 Operations (``ALGORITHM.md``; ``s`` the ascent scale, ``γ`` the scheduled lr, ``c`` the
@@ -43,10 +44,10 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import bf16_state, compiled, eager
+from . import bf16_state, compiled, eager, multi_tensor
 from .compiled import FusedState
-from .rules import is_low
-from .scalars import pack, step_scalars
+from .rules import grad_flags, is_low
+from .scalars import Slot, pack, step_scalars
 
 __all__ = [
     "IMPLS", "AUTO_MIN_NUMEL", "FusedState", "compile_available", "compile_counters", "ascent_stats",
@@ -55,6 +56,8 @@ __all__ = [
 
 IMPLS = ("auto", "fused", "foreach", "single")
 AUTO_MIN_NUMEL = int(os.environ.get("SHARDED_MSAM_SF_FUSED_MIN_NUMEL", 1 << 18))
+# auto: at least this many small fp32 CPU tensors of a group go through one multi-tensor call
+MULTI_MIN_TENSORS = int(os.environ.get("SHARDED_MSAM_SF_MULTI_MIN_TENSORS", 64))
 _DEFAULT_STATE = FusedState()   # for callers outside an optimizer (tests, benchmarks)
 
 
@@ -110,6 +113,22 @@ def _eligible(impl: str, state: FusedState, tensors: Sequence[Optional[Tensor]],
     return False
 
 
+def _multi(impl: str, state: FusedState, idx: Sequence[int], tensors_of) -> List[int]:
+    """The indices (of the tensors left to the eager path) that go through one multi-tensor call
+    (:mod:`.multi_tensor`): ``auto`` only, fp32 CPU tensors, at least :data:`MULTI_MIN_TENSORS`
+    of them, the extension built (a failed build: one warning, then foreach)."""
+    if impl != "auto" or len(idx) < MULTI_MIN_TENSORS:
+        return []
+    sel = [i for i in idx if multi_tensor.eligible(*tensors_of(i))]
+    if len(sel) < MULTI_MIN_TENSORS or compiled.unavailable_reason(torch.device("cpu"), state) is not None:
+        return []
+    if multi_tensor.load() is None:
+        state.warn_once("multi_tensor", "AdamWMSAMScheduleFree: the multi-tensor CPU kernel failed to build "
+                        f"({multi_tensor.build_error()}); small tensors use the foreach path")
+        return []
+    return sel
+
+
 def ascent_stats(ms: Sequence[Tensor], grads: Sequence[Tensor], *, beta_m: Optional[float], impl: str,
                  state: Optional[FusedState] = None) -> Tensor:
     """Local statistics of one param group: float64 ``[sumsq, nonfinite, v_overflow]``.
@@ -145,6 +164,14 @@ def ascent_stats(ms: Sequence[Tensor], grads: Sequence[Tensor], *, beta_m: Optio
             rest_g.append(g)
     else:
         rest_m, rest_g = ms, grads
+    sel = _multi(impl, state, range(len(rest_g)), lambda i: (rest_g[i], rest_m[i] if rest_m else None)) \
+        if impl == "auto" and (beta_m is not None or not rest_m) else []
+    if sel:
+        chosen = set(sel)
+        out = multi_tensor.stats([rest_m[i] for i in sel] if rest_m else [], [rest_g[i] for i in sel], beta_m)
+        parts.append(torch.cat([out[:1], grad_flags(out[1].to(torch.float32))]))
+        rest_g = [t for i, t in enumerate(rest_g) if i not in chosen]
+        rest_m = [t for i, t in enumerate(rest_m) if i not in chosen] if rest_m else rest_m
     if rest_m or rest_g or not parts:
         parts.append(eager.ascent_stats(bf16_state.fp32_view(rest_m), rest_g, beta_m=beta_m,
                                         foreach=_foreach(impl)).to(device))
@@ -199,6 +226,14 @@ def sf_adamw_update_(
     fe = _foreach(impl)
     low = {i for i in rest if is_low(zs[i]) or is_low(vs[i]) or (ms is not None and is_low(ms[i]))}
     plain = [i for i in rest if i not in low]
+    sel = _multi(impl, state, plain, lambda i: (params[i], grads[i], zs[i], vs[i], None if ms is None else ms[i])) \
+        if (ms is None or fold) else []
+    if sel:
+        sc_list = [v for _, v in sorted((int(getattr(Slot, k.upper())), v) for k, v in step_scalars(**hyper).items())]
+        multi_tensor.update_([params[i] for i in sel], [grads[i] for i in sel], [zs[i] for i in sel],
+                             [vs[i] for i in sel], None if ms is None else [ms[i] for i in sel], sc_list)
+        chosen = set(sel)
+        plain = [i for i in plain if i not in chosen]
     if plain:
         eager.sf_adamw_update_([params[i] for i in plain], [grads[i] for i in plain], [zs[i] for i in plain],
                                [vs[i] for i in plain], None if ms is None else [ms[i] for i in plain],
