@@ -2,6 +2,7 @@
 
     python benchmarks/step_speed.py                          # 25M fp32 params as 48 tensors, 2 threads, CPU
     python benchmarks/step_speed.py --layout flat            # one flat 25M tensor (the ZeRO / offload layout)
+    python benchmarks/step_speed.py --layout flat --ref ds_cpu_adam   # ZeRO-Offload: ratios to DeepSpeedCPUAdam
     python benchmarks/step_speed.py --layout small           # 2,000 tensors of 4,096 elements
     python benchmarks/step_speed.py --wait-quiet --json benchmarks/results/step_speed_48.json
     python benchmarks/step_speed.py --device cuda --params 1e9 --only adamw_fused,ours_fused   # (gpu_check.sh)
@@ -205,8 +206,8 @@ def median_ci(xs, level: float = 0.95, resamples: int = 2000, seed: int = 0):
     return statistics.median(xs), lo, hi
 
 
-def _ratios(times, n):
-    return [a / b for a, b in zip(times[n], times[REF])]
+def _ratios(times, n, ref=REF):
+    return [a / b for a, b in zip(times[n], times[ref])]
 
 
 def main(argv=None):
@@ -227,8 +228,10 @@ def main(argv=None):
     ap.add_argument("--wait-max", type=float, default=1800.0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", default=None, help="comma-separated subset of " + ",".join(ALL))
+    ap.add_argument("--ref", default=REF, help="the row the ratios are to (e.g. ds_cpu_adam for ZeRO-Offload)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
+    ref = args.ref
     if args.reps is not None:
         args.min_rounds = args.max_rounds = args.reps
 
@@ -238,8 +241,8 @@ def main(argv=None):
     shp = shapes(args.layout, int(args.params), args.small_count, args.small_numel)
     total = sum(int(torch.Size(s).numel()) for s in shp)
     names = args.only.split(",") if args.only else list(DEFAULT)
-    if REF not in names:
-        names.insert(0, REF)
+    if ref not in names:
+        names.insert(0, ref)
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=gen).mul_(0.02).to(device) for s in shp]
     grads = [torch.randn(s, generator=gen).mul_(1e-3).to(device) for s in shp]
@@ -273,8 +276,8 @@ def main(argv=None):
             print(f"skip {n}: {skipped[n]}", file=sys.stderr)
             names.remove(n)
             opts.pop(n), params.pop(n)
-    if REF not in names:
-        sys.exit(f"step_speed: the reference {REF} did not run")
+    if ref not in names:
+        sys.exit(f"step_speed: the reference {ref} did not run ({skipped.get(ref)})")
 
     waited = None
     if args.wait_quiet:
@@ -305,25 +308,25 @@ def main(argv=None):
             break
         if r >= args.min_rounds:
             widths = [(hi - lo) / 2 / med for med, lo, hi in
-                      (median_ci(_ratios(times, n), resamples=500) for n in names if n != REF)]
+                      (median_ci(_ratios(times, n, ref), resamples=500) for n in names if n != ref)]
             if all(w <= args.ci for w in widths):
                 break
     freq_after = cpu_freq()
     bw = statistics.median(bws)
     max_load = max(max(a, b) for a, b in loads)
     busy = max_load > quiet
-    ref_min = min(times[REF])
+    ref_min = min(times[ref])
     rows = []
     for n in names:
         med = statistics.median(times[n])
-        ratio, lo, hi = median_ci(_ratios(times, n))
+        ratio, lo, hi = median_ci(_ratios(times, n, ref))
         b = BYTES.get(n)
         gbs = b * total / med / 1e9 if b else None
         rows.append(dict(name=n, median_ms=med * 1e3, min_ms=min(times[n]) * 1e3,
                          ratio_median=ratio, ratio_ci95=[lo, hi], ratio_of_mins=min(times[n]) / ref_min,
                          bytes_per_param=b, gb_per_s=gbs, share_of_copy_bw=gbs / bw if gbs else None,
                          first_step_s=compile_s[n]))
-    meta = dict(layout=args.layout, params=total, tensors=len(shp), threads=args.threads, device=str(device),
+    meta = dict(layout=args.layout, ratio_to=ref, params=total, tensors=len(shp), threads=args.threads, device=str(device),
                 rounds=r, ci_target=args.ci, copy_gb_per_s=bw, torch=torch.__version__,
                 python=platform.python_version(), cpu=platform.processor() or platform.machine(),
                 nproc=os.cpu_count(), floor_ratio_ours_vs_adamw=44 / 28,
@@ -335,7 +338,7 @@ def main(argv=None):
         meta["gpu"] = torch.cuda.get_device_name()
     mhz = freq_before.get("cur_mhz") or []
     print(f"# {total/1e6:.1f}M fp32 params in {len(shp)} tensors ({args.layout}), {args.threads} threads, {device}, "
-          f"{r} interleaved rounds; copy bandwidth {bw:.1f} GB/s")
+          f"{r} interleaved rounds; ratios to {ref}; copy bandwidth {bw:.1f} GB/s")
     print(f"# load average (1 min) per round: median {meta['load1_median']:.2f}, max {max_load:.2f} "
           f"(quiet limit {quiet:.2f}); CPU MHz ({freq_before.get('source')}): "
           f"{', '.join(f'{x:.0f}' for x in mhz[:8]) or 'unknown'}")
