@@ -97,10 +97,73 @@ def correctness(device: torch.device) -> dict:
     return out
 
 
+# (arrays read, arrays written) of n fp32 elements per kernel: the bytes it must move
+KERNEL_ARRAYS = {"copy": (1, 1), "adamw_fused": (4, 3), "stats": (2, 0), "update_m": (5, 4), "update": (4, 3),
+                 "fold": (2, 1), "shift": (2, 1)}
+
+
+def kernel_bandwidth(device: torch.device, n: int, reps: int = 20) -> dict:
+    """Each kernel alone on ``n`` fp32 elements: the median time, the bytes it must move
+    (:data:`KERNEL_ARRAYS`) per second, and that as a fraction of ``dst.copy_(src)``'s rate
+    measured the same way (the achievable HBM bandwidth). Our kernels through
+    :func:`sharded_msam_sf.kernels.compiled.call` (the hand-written Triton ones where they
+    apply, else Inductor's), and again with ``SHARDED_MSAM_SF_TRITON=0`` (Inductor's)."""
+    import statistics
+    from sharded_msam_sf.kernels import FusedState, compiled as C
+    from sharded_msam_sf.kernels.scalars import pack, step_scalars
+
+    def timed(fn):
+        fn()
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        times = []
+        for _ in range(reps):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    p, g, z, m = (torch.randn(n, device=device, generator=gen) * 1e-2 for _ in range(4))
+    v = torch.rand(n, device=device, generator=gen) * 1e-4
+    sc = pack(device, **step_scalars(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, ckp1=0.5,
+                                     bias_correction2=0.5, beta_m=0.9, remove_scale=1e-3, apply_scale=1e-3))
+    st = FusedState()
+    dst = torch.empty_like(p)
+    P = torch.nn.Parameter(p.clone())
+    P.grad = g
+    adamw = torch.optim.AdamW([P], lr=1e-4, fused=True)
+    fns = {"copy": lambda: dst.copy_(p), "adamw_fused": adamw.step,
+           "stats": lambda: C.call(st, "fused", "stats", m, g, sc),
+           "update_m": lambda: C.call(st, "fused", "update_m", p, g, z, v, m, sc, 7),
+           "update": lambda: C.call(st, "fused", "update", p, g, z, v, sc, 7),
+           "fold": lambda: C.call(st, "fused", "fold", m, g, sc, 7),
+           "shift": lambda: C.call(st, "fused", "shift", p, m, sc)}
+    out = {}
+    for triton in ("1", "0"):
+        os.environ["SHARDED_MSAM_SF_TRITON"] = triton
+        try:
+            for name, fn in fns.items():
+                if triton == "0" and name in ("copy", "adamw_fused", "fold", "shift"):
+                    continue   # (no Triton variant: measured once)
+                key = name if triton == "1" else f"{name}_inductor"
+                r, w = KERNEL_ARRAYS[name]
+                t = timed(fn)
+                out[key] = dict(ms=t * 1e3, gb_per_s=(r + w) * 4 * n / t / 1e9)
+        finally:
+            os.environ.pop("SHARDED_MSAM_SF_TRITON", None)
+    copy = out["copy"]["gb_per_s"]
+    for d in out.values():
+        d["fraction_of_copy_bw"] = d["gb_per_s"] / copy
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--params", type=float, default=1e9)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--kernel-numel", type=float, default=2 ** 28, help="elements per kernel in the bandwidth table")
     ap.add_argument("--only", default="adamw_fused,adamw_foreach,ours_fused,ours_inductor,ours_bf16,ours_foreach,"
                                       "schedulefree,heavyball_msam")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -115,6 +178,12 @@ def main(argv=None):
         print(f"correctness {mode}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                   for k, v in d.items()))
     torch.cuda.empty_cache()
+    kb = kernel_bandwidth(device, int(args.kernel_numel))
+    print(f"# each kernel alone on {int(args.kernel_numel):,} fp32 elements; HBM share = GB/s over copy_'s")
+    print(f"{'kernel':<20}{'ms':>9}{'GB/s':>9}{'of copy bw':>12}")
+    for name, d in kb.items():
+        print(f"{name:<20}{d['ms']:>9.3f}{d['gb_per_s']:>9.0f}{d['fraction_of_copy_bw']:>12.2f}")
+    torch.cuda.empty_cache()
     import step_speed
     total = int(args.params)
     free = torch.cuda.mem_get_info()[0]
@@ -127,7 +196,7 @@ def main(argv=None):
     rows, meta = step_speed.main(["--device", "cuda", "--params", str(total), "--reps", str(args.reps),
                                   "--only", ",".join(names), "--threads", "1",
                                   "--json", os.path.join(args.out, "step_speed_gpu.json")])
-    result = dict(correctness=corr, step_speed=dict(meta=meta, rows=rows), wall_s=time.perf_counter() - t0)
+    result = dict(correctness=corr, kernels=kb, step_speed=dict(meta=meta, rows=rows), wall_s=time.perf_counter() - t0)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -291,7 +291,7 @@ class AdamWMSAMScheduleFree(Optimizer):
     def _shift(self, group: Dict[str, Any], scale: float) -> None:
         """``p ← p + scale·m`` for every param of the group that has a momentum."""
         ps = self._with_m(group)
-        K.add_scaled_(self._loc(ps), self._ms(ps), scale, impl=self._impl(group))
+        K.add_scaled_(self._loc(ps), self._ms(ps), scale, impl=self._impl(group), state=self._fused_state)
 
     def _swap(self, group: Dict[str, Any], weight: float) -> None:
         """``p ← lerp(p, z, weight)`` for every param of the group that has state."""
@@ -457,7 +457,7 @@ class AdamWMSAMScheduleFree(Optimizer):
                 continue
             active, _inactive = parts[gi]
             K.fold_momentum_(self._ms(active), self._loc(p.grad for p in active), self._beta_m(group),
-                             impl=self._impl(group), step=group["k"])
+                             impl=self._impl(group), step=group["k"], state=self._fused_state)
             group["ascent_scale"] = self._ascent_scale(group, norm)
         if skip:
             self._warn_skip("move_to_ascent()")
@@ -637,8 +637,8 @@ class AdamWMSAMScheduleFree(Optimizer):
             apply = self._ascent_scale(group, norm) if uses else 0.0
             if inactive:
                 ps, ms, impl = self._loc(inactive), self._ms(inactive), self._impl(group)
-                K.add_scaled_(ps, ms, -remove, impl=impl)
-                K.add_scaled_(ps, ms, apply, impl=impl)
+                K.add_scaled_(ps, ms, -remove, impl=impl, state=self._fused_state)
+                K.add_scaled_(ps, ms, apply, impl=impl, state=self._fused_state)
             lr, ckp1, bc2 = self._schedule(group)
             self._update(group, active, lr=lr, ckp1=ckp1, bc2=bc2, with_m=uses,
                          beta_m=self._beta_m(group), remove=remove, apply=apply)

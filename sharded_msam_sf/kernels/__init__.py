@@ -10,8 +10,9 @@ The optimizer calls only the functions below (as torch.optim's ``adam()`` dispat
   (:mod:`.compiled`; on CUDA with fp32 state the hand-written :mod:`.triton` ones); a
   ``RuntimeError`` says why if they cannot run;
 - ``"auto"`` (the optimizer's default): the compiled kernels for tensors of at least
-  :data:`AUTO_MIN_NUMEL` elements (and every tensor with bf16 state), foreach for the
-  rest; where compilation is unavailable or fails, one warning and foreach from then on,
+  :data:`AUTO_MIN_NUMEL` elements (and every tensor with bf16 state); the smaller fp32 CPU
+  tensors, when a group has at least :data:`MULTI_MIN_TENSORS` of them, through one
+  multi-tensor C++ call per pass (:mod:`.multi_tensor`); foreach for the rest; where compilation is unavailable or fails, one warning and foreach from then on,
   for that optimizer (its :class:`FusedState`) and device type only.
 
 Operations (``ALGORITHM.md``; ``s`` the ascent scale, ``γ`` the scheduled lr, ``c`` the
@@ -27,8 +28,10 @@ averaging weight, ``bc2 = 1 − β2^t``):
 :func:`swap_y_x_`      ``p ← lerp(p, z, w)``: y→x with ``w = 1 − 1/β1``, x→y with ``w = 1 − β1``
 =====================  ==========================================================================
 
-``add_scaled_`` and ``swap_y_x_`` are one elementwise op each: ``fused`` and ``auto``
-use the multi-tensor kernel for them, which already reads each input once.
+``swap_y_x_`` is one elementwise op: ``fused`` and ``auto`` use the multi-tensor kernel
+for it, which already reads each input once. ``fold_momentum_`` and ``add_scaled_``
+(two_pass's ``move_to_ascent()``/``move_from_ascent()``) take the compiled kernels like
+the update: foreach folds in two passes, and neither foreach op handles bf16 m.
 Every path gives the same trajectory (``tests/test_fused.py``); they differ only in
 floating-point rounding. bf16 state (stochastic rounding) is handled by
 :mod:`.bf16_state` on every path, with the same random bits.
@@ -41,10 +44,10 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import bf16_state, compiled, eager
+from . import bf16_state, compiled, eager, multi_tensor
 from .compiled import FusedState
-from .rules import is_low
-from .scalars import pack, step_scalars
+from .rules import grad_flags, is_low
+from .scalars import Slot, pack, step_scalars
 
 __all__ = [
     "IMPLS", "AUTO_MIN_NUMEL", "FusedState", "compile_available", "compile_counters", "ascent_stats",
@@ -53,6 +56,8 @@ __all__ = [
 
 IMPLS = ("auto", "fused", "foreach", "single")
 AUTO_MIN_NUMEL = int(os.environ.get("SHARDED_MSAM_SF_FUSED_MIN_NUMEL", 1 << 18))
+# auto: at least this many small fp32 CPU tensors of a group go through one multi-tensor call
+MULTI_MIN_TENSORS = int(os.environ.get("SHARDED_MSAM_SF_MULTI_MIN_TENSORS", 64))
 _DEFAULT_STATE = FusedState()   # for callers outside an optimizer (tests, benchmarks)
 
 
@@ -108,6 +113,22 @@ def _eligible(impl: str, state: FusedState, tensors: Sequence[Optional[Tensor]],
     return False
 
 
+def _multi(impl: str, state: FusedState, idx: Sequence[int], tensors_of) -> List[int]:
+    """The indices (of the tensors left to the eager path) that go through one multi-tensor call
+    (:mod:`.multi_tensor`): ``auto`` only, fp32 CPU tensors, at least :data:`MULTI_MIN_TENSORS`
+    of them, the extension built (a failed build: one warning, then foreach)."""
+    if impl != "auto" or len(idx) < MULTI_MIN_TENSORS:
+        return []
+    sel = [i for i in idx if multi_tensor.eligible(*tensors_of(i))]
+    if len(sel) < MULTI_MIN_TENSORS or compiled.unavailable_reason(torch.device("cpu"), state) is not None:
+        return []
+    if multi_tensor.load() is None:
+        state.warn_once("multi_tensor", "AdamWMSAMScheduleFree: the multi-tensor CPU kernel failed to build "
+                        f"({multi_tensor.build_error()}); small tensors use the foreach path")
+        return []
+    return sel
+
+
 def ascent_stats(ms: Sequence[Tensor], grads: Sequence[Tensor], *, beta_m: Optional[float], impl: str,
                  state: Optional[FusedState] = None) -> Tensor:
     """Local statistics of one param group: float64 ``[sumsq, nonfinite, v_overflow]``.
@@ -143,6 +164,14 @@ def ascent_stats(ms: Sequence[Tensor], grads: Sequence[Tensor], *, beta_m: Optio
             rest_g.append(g)
     else:
         rest_m, rest_g = ms, grads
+    sel = _multi(impl, state, range(len(rest_g)), lambda i: (rest_g[i], rest_m[i] if rest_m else None)) \
+        if impl == "auto" and (beta_m is not None or not rest_m) else []
+    if sel:
+        chosen = set(sel)
+        out = multi_tensor.stats([rest_m[i] for i in sel] if rest_m else [], [rest_g[i] for i in sel], beta_m)
+        parts.append(torch.cat([out[:1], grad_flags(out[1].to(torch.float32))]))
+        rest_g = [t for i, t in enumerate(rest_g) if i not in chosen]
+        rest_m = [t for i, t in enumerate(rest_m) if i not in chosen] if rest_m else rest_m
     if rest_m or rest_g or not parts:
         parts.append(eager.ascent_stats(bf16_state.fp32_view(rest_m), rest_g, beta_m=beta_m,
                                         foreach=_foreach(impl)).to(device))
@@ -197,6 +226,14 @@ def sf_adamw_update_(
     fe = _foreach(impl)
     low = {i for i in rest if is_low(zs[i]) or is_low(vs[i]) or (ms is not None and is_low(ms[i]))}
     plain = [i for i in rest if i not in low]
+    sel = _multi(impl, state, plain, lambda i: (params[i], grads[i], zs[i], vs[i], None if ms is None else ms[i])) \
+        if (ms is None or fold) else []
+    if sel:
+        sc_list = [v for _, v in sorted((int(getattr(Slot, k.upper())), v) for k, v in step_scalars(**hyper).items())]
+        multi_tensor.update_([params[i] for i in sel], [grads[i] for i in sel], [zs[i] for i in sel],
+                             [vs[i] for i in sel], None if ms is None else [ms[i] for i in sel], sc_list)
+        chosen = set(sel)
+        plain = [i for i in plain if i not in chosen]
     if plain:
         eager.sf_adamw_update_([params[i] for i in plain], [grads[i] for i in plain], [zs[i] for i in plain],
                                [vs[i] for i in plain], None if ms is None else [ms[i] for i in plain],
@@ -207,23 +244,53 @@ def sf_adamw_update_(
 
 
 def fold_momentum_(ms: Sequence[Tensor], grads: Sequence[Tensor], beta_m: float, *, impl: str,
-                   step: int = 0) -> None:
+                   step: int = 0, state: Optional[FusedState] = None) -> None:
     """``m ← β_m·m + (1 − β_m)·g`` in place (two_pass's ``move_to_ascent()``), the same ops
-    as :func:`ascent_stats`; bf16 momenta folded in fp32 and stochastically rounded."""
+    as :func:`ascent_stats`; bf16 momenta folded in fp32 and stochastically rounded (the
+    fold's random bits, :data:`.bf16_state.SALT_FOLD`). ``fused``/``auto``: one compiled pass
+    per eligible tensor (reads m and g once, writes m once)."""
     _check_impl(impl)
+    state = _DEFAULT_STATE if state is None else state
     ms, grads = list(ms), list(grads)
-    plain = [i for i, m in enumerate(ms) if not is_low(m)]
+    sc, rest = None, []
+    for i, (m, g) in enumerate(zip(ms, grads)):
+        if _eligible(impl, state, (m, g), (m,)):
+            if sc is None:
+                sc = pack(m.device, **step_scalars(lr=0.0, beta1=0.0, beta2=0.0, eps=0.0, weight_decay=0.0,
+                                                   ckp1=0.0, bias_correction2=0.0, beta_m=beta_m,
+                                                   remove_scale=0.0, apply_scale=0.0))
+            seed = bf16_state.step_seed(step, i, salt=bf16_state.SALT_FOLD)
+            if compiled.call(state, impl, "fold", m.view(-1), g.view(-1), sc, seed) is not None:
+                continue
+        rest.append(i)
+    plain = [i for i in rest if not is_low(ms[i])]
     if plain:
         eager.fold_momentum_([ms[i] for i in plain], [grads[i] for i in plain], beta_m, foreach=_foreach(impl))
-    for i, m in enumerate(ms):
-        if is_low(m):
-            bf16_state.fold_(eager.fold_momentum_, m, grads[i], beta_m, index=i, step=step, foreach=False)
+    for i in rest:
+        if is_low(ms[i]):
+            bf16_state.fold_(eager.fold_momentum_, ms[i], grads[i], beta_m, index=i, step=step, foreach=False)
 
 
-def add_scaled_(params: Sequence[Tensor], ms: Sequence[Tensor], scale: float, *, impl: str) -> None:
-    """``p ← p + scale·m`` (apply ``scale = s``, remove ``scale = −s``); p rounded to nearest."""
+def add_scaled_(params: Sequence[Tensor], ms: Sequence[Tensor], scale: float, *, impl: str,
+                state: Optional[FusedState] = None) -> None:
+    """``p ← p + scale·m`` (apply ``scale = s``, remove ``scale = −s``); p rounded to nearest.
+    ``fused``/``auto``: one compiled pass per eligible tensor, the rest on foreach."""
     _check_impl(impl)
-    eager.add_scaled_(params, ms, scale, foreach=_foreach(impl))
+    if scale == 0.0 or not len(params):
+        return
+    state = _DEFAULT_STATE if state is None else state
+    sc, rest_p, rest_m = None, [], []
+    for p, m in zip(params, ms):
+        if _eligible(impl, state, (p, m), (m,)):
+            if sc is None:
+                sc = pack(p.device, **step_scalars(lr=0.0, beta1=0.0, beta2=0.0, eps=0.0, weight_decay=0.0,
+                                                   ckp1=0.0, bias_correction2=0.0, beta_m=None,
+                                                   remove_scale=0.0, apply_scale=scale))
+            if compiled.call(state, impl, "shift", p.view(-1), m.view(-1), sc) is not None:
+                continue
+        rest_p.append(p)
+        rest_m.append(m)
+    eager.add_scaled_(rest_p, rest_m, scale, foreach=_foreach(impl))
 
 
 def swap_y_x_(params: Sequence[Tensor], zs: Sequence[Tensor], weight: float, *, impl: str) -> None:
