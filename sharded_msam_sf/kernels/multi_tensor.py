@@ -156,6 +156,24 @@ def build_error() -> Optional[str]:
     return _module.get("error")
 
 
+def _cpu_tag() -> str:
+    """A short hash of this CPU's feature flags: the build uses ``-march=native``, so a cached build
+    must never be loaded on another kind of CPU (a shared home directory across node types would
+    otherwise crash with an illegal instruction)."""
+    import hashlib
+    import platform
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags += line
+                    break
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
 def load():
     """The built extension (building it on first use), or None if the build failed."""
     if "mod" in _module or "error" in _module:
@@ -163,9 +181,14 @@ def load():
     with _lock:
         if "mod" not in _module and "error" not in _module:
             try:
+                import sys
+
                 from torch.utils.cpp_extension import load_inline
+                print("sharded_msam_sf: building the multi-tensor CPU kernel with g++ (once per CPU type; "
+                      "cached under torch's extensions directory)", file=sys.stderr, flush=True)
                 _module["mod"] = load_inline(
-                    name="sharded_msam_sf_multi_tensor_v1", cpp_sources=[_SOURCE], functions=["stats", "update"],
+                    name=f"sharded_msam_sf_multi_tensor_v1_{_cpu_tag()}", cpp_sources=[_SOURCE],
+                    functions=["stats", "update"],
                     extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-march=native"],
                     extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as err:  # noqa: BLE001 - any build failure: the caller falls back to foreach
