@@ -365,3 +365,13 @@ def test_every_error_is_reported_with_its_key(tmp_path):
     msg = str(err.value)
     assert "'model.dropout'" in msg and "1.5" in msg and "less than 1" in msg
     assert "'train.seed'" in msg and "'eval.batches'" in msg
+
+
+def test_a_schema_pointer_for_editors_is_accepted(tmp_path):
+    """A top-level "$schema" (what editors read) is allowed and ignored; it must be a string."""
+    p = write(tmp_path, {"$schema": "../docs/job-config.schema.json", "train": {"max_steps": 7}})
+    assert load_config(p, world_size=2).train.max_steps == 7
+    with pytest.raises(ConfigError, match=r"'\$schema' must be a string"):
+        load_config(write(tmp_path, {"$schema": 3}), world_size=2)
+    with pytest.raises(ConfigError, match="schema_ref|unknown|not permitted|extra"):
+        load_config(write(tmp_path, {"train": {"$schema": "x"}}), world_size=2)

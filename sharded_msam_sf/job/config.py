@@ -298,6 +298,8 @@ def json_schema() -> dict:
     schema["$defs"]["OptimizerSection"] = opt
     schema["$defs"]["OptimizerSection"]["properties"]["type"]["default"] = "AdamWMSAMScheduleFree"
     schema["$defs"]["OptimizerSection"]["required"] = []  # the job fills in the type
+    schema["properties"]["$schema"] = {"type": "string", "description": "the path or URL of this schema, "
+                                       "for editors (ignored by the job)"}
     schema["properties"]["optimizer"] = {"$ref": "#/$defs/OptimizerSection",
                                          "description": schema["properties"]["optimizer"]["description"]}
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
@@ -353,6 +355,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), world
     """Read, override and validate a job config; raises ConfigError naming the bad key."""
     from sharded_msam_sf.jsonfile import read_json_object
     raw: dict = read_json_object(path, ConfigError) if path is not None else {}
+    schema_ref = raw.pop("$schema", None)  # an editor's pointer to docs/job-config.schema.json
+    if schema_ref is not None and not isinstance(schema_ref, str):
+        raise ConfigError(f"config key '$schema' must be a string (the schema's path or URL), got {schema_ref!r}")
     for item in overrides:
         _set_override(raw, item)
     if data_path is not None:
