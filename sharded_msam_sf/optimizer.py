@@ -48,6 +48,7 @@ from torch.optim import Optimizer
 from . import hyperparams as H
 from . import kernels as K
 from .backends import Backend, resolve_backend
+from .backends.zero import refuse_unbound_zero
 from .hyperparams import SAM_MODES, default_rho
 from .kernels.rules import decode_flag, encode_flags
 
@@ -222,6 +223,11 @@ class AdamWMSAMScheduleFree(Optimizer):
     @property
     def backend(self) -> Backend:
         return self._backend
+
+    def bind_backend(self, backend: Backend) -> None:
+        """Use ``backend`` from now on, as if given as ``backend=`` (what
+        :func:`sharded_msam_sf.deepspeed.attach` does for an optimizer built before its engine)."""
+        self._backend = resolve_backend((), backend=backend)
 
     @property
     def sam_mode(self) -> str:
@@ -601,6 +607,7 @@ class AdamWMSAMScheduleFree(Optimizer):
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """One optimizer step (see the class table for what it does in each mode)."""
         self._check_groups("step()")
+        refuse_unbound_zero(self)  # stepped inside a DeepSpeed engine without attach(): wrong ||m||
         init_call = self._is_state_init_call()  # allowed in eval mode: DCP loads into a fresh optimizer
         if not init_call:
             self._require_train("step()")
