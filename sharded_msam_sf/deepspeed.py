@@ -256,6 +256,8 @@ class DeepSpeedMSAMOptimizer:
         self._driver = driver
         self.engine = driver.engine
         self.optimizer = driver.optimizer
+        #: the module the engine computes with (``engine.module``; None if attached without the engine)
+        self.module = getattr(driver.engine, "module", None)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -338,14 +340,14 @@ class DeepSpeedMSAMOptimizer:
         :func:`~sharded_msam_sf.backends.zero.full_fp32_state_dict` (the fp32 masters, not rounded
         to a bf16/fp16 model's dtype). Collective: every rank must call it. In train mode the
         optimizer is switched to eval for the export and back."""
-        if self.engine is None:
+        if self.module is None:
             raise RuntimeError("eval_state_dict(): this facade was attached to a ZeRO wrapper without its engine; "
-                               "call attach(engine) with the DeepSpeedEngine")
+                               "call attach(engine) with the DeepSpeedEngine, or set facade.module = engine.module")
         was_train = self.train_mode
         if was_train:
             self.eval()
         try:
-            return full_fp32_state_dict(self.engine.module, rank0_only=rank0_only)
+            return full_fp32_state_dict(self.module, rank0_only=rank0_only)
         finally:
             if was_train:
                 self.train()

@@ -57,11 +57,15 @@ def trainer_groups(model) -> List[Dict[str, Any]]:
             {"params": [p for n, p in model.named_parameters() if n.endswith("bias")], "weight_decay": 0.0}]
 
 
-def reference(steps: int, sam_mode: str, *, at: Optional[List[int]] = None) -> Dict[int, Dict[str, torch.Tensor]]:
+def reference(steps: int, sam_mode: str, *, at: Optional[List[int]] = None,
+              one_group: bool = False) -> Dict[int, Dict[str, torch.Tensor]]:
     """The single-process optimizer on the full batch: ``{k: x after k steps}`` for k in ``at``
-    (default: the last), and the eval loss at the last x under key -1 (a 0-d tensor under "loss")."""
+    (default: the last), and the eval loss at the last x under key -1 (a 0-d tensor under "loss").
+    ``one_group``: every parameter in one group with weight decay (the HF DeepSpeed JSON route,
+    where DeepSpeed gets the model's parameters as one list)."""
     model = make_model()
-    opt = AdamWMSAMScheduleFree(trainer_groups(model), sam_mode=sam_mode, **OPT_KW)
+    groups = [{"params": list(model.parameters()), "weight_decay": WD}] if one_group else trainer_groups(model)
+    opt = AdamWMSAMScheduleFree(groups, sam_mode=sam_mode, **OPT_KW)
     x, y = full_batch()
     at = set(at or [steps])
     out: Dict[int, Dict[str, torch.Tensor]] = {}

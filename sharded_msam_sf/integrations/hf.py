@@ -50,11 +50,12 @@ def _deepspeed_enabled(args: Any) -> bool:
     return bool(getattr(args, "deepspeed", None) or getattr(args, "hf_deepspeed_config", None))
 
 
-def find_optimizer(optimizer: Any, bind: bool = True) -> Any:
+def find_optimizer(optimizer: Any, bind: bool = True, module: Any = None) -> Any:
     """Ours behind ``optimizer`` (Accelerate's wrapper, DeepSpeed's ZeRO wrapper): the
     :class:`~sharded_msam_sf.deepspeed.DeepSpeedMSAMOptimizer` facade under DeepSpeed (attaching the
     ZeRO wrapper first if ``bind`` and not yet attached), else the :class:`AdamWMSAMScheduleFree`;
-    None if ``optimizer`` does not hold ours."""
+    None if ``optimizer`` does not hold ours. ``module``: the model the engine wraps (the Trainer's
+    ``model``), kept by a facade attached here for its ``eval_state_dict()``."""
     chain = []
     while optimizer is not None and len(chain) < 8:
         chain.append(optimizer)
@@ -72,7 +73,10 @@ def find_optimizer(optimizer: Any, bind: bool = True) -> Any:
             if not bind:
                 return None
             from ..deepspeed import attach
-            return attach(chain[-2])
+            facade = attach(chain[-2])
+            if facade.module is None:
+                facade.module = module
+            return facade
     return optimizer
 
 
@@ -84,8 +88,8 @@ class ScheduleFreeCallback(TrainerCallback):
         self._opt: Any = None
 
     # ------------------------------------------------------------------ helpers
-    def _ours(self, optimizer: Any) -> Any:
-        ours = find_optimizer(optimizer)
+    def _ours(self, optimizer: Any, model: Any = None) -> Any:
+        ours = find_optimizer(optimizer, module=model)
         if ours is not None:
             self._opt = ours
         return self._opt
@@ -100,8 +104,8 @@ class ScheduleFreeCallback(TrainerCallback):
         if optimizer is not None and _deepspeed_enabled(args) and find_optimizer(optimizer, bind=False) is not None:
             raise ValueError(DROPPED_OPTIMIZER)
 
-    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-        ours = self._ours(optimizer)
+    def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
+        ours = self._ours(optimizer, model)
         if ours is None:
             raise TypeError(f"ScheduleFreeCallback: the Trainer's optimizer is {type(optimizer).__name__}, not "
                             f"AdamWMSAMScheduleFree (use Trainer(optimizer_cls_and_kwargs=(AdamWMSAMScheduleFree, "
