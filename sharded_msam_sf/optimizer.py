@@ -224,11 +224,6 @@ class AdamWMSAMScheduleFree(Optimizer):
     def backend(self) -> Backend:
         return self._backend
 
-    def bind_backend(self, backend: Backend) -> None:
-        """Use ``backend`` from now on, as if given as ``backend=`` (what
-        :func:`sharded_msam_sf.deepspeed.attach` does for an optimizer built before its engine)."""
-        self._backend = resolve_backend((), backend=backend)
-
     @property
     def sam_mode(self) -> str:
         return self.defaults["sam_mode"] if not self.param_groups else self.param_groups[0]["sam_mode"]
@@ -607,10 +602,10 @@ class AdamWMSAMScheduleFree(Optimizer):
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """One optimizer step (see the class table for what it does in each mode)."""
         self._check_groups("step()")
-        refuse_unbound_zero(self)  # stepped inside a DeepSpeed engine without attach(): wrong ||m||
         init_call = self._is_state_init_call()  # allowed in eval mode: DCP loads into a fresh optimizer
         if not init_call:
             self._require_train("step()")
+            refuse_unbound_zero(self)  # stepped inside a DeepSpeed engine without attach(): wrong ||m||
         loss = None
         if closure is not None:
             with torch.enable_grad():
