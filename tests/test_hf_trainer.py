@@ -45,6 +45,15 @@ def test_trainer_evaluates_and_saves_x(tmp_path, mode, cls):
     assert [g["k"] for g in opt.param_groups] == [STEPS, STEPS]
 
 
+def test_epoch_checkpoints_hold_x(tmp_path):
+    """save_strategy="epoch" (the save is decided at the epoch end, not the step end): one step per epoch here."""
+    from transformers import Trainer
+    _train(tmp_path, "one_pass", Trainer, save_strategy="epoch")
+    ref = H.reference(STEPS, "one_pass", at=[1, 2, STEPS])
+    for k in (1, 2, STEPS):
+        assert H.max_diff(H.saved_weights(os.path.join(tmp_path, f"checkpoint-{k}")), ref[k]) < TOL
+
+
 def test_two_pass_differs_from_plain_schedule_free(tmp_path):
     """MSAMTrainer's two_pass takes the ascent (rho > 0 moves the trajectory away from rho = 0)."""
     from sharded_msam_sf.integrations.hf import MSAMTrainer

@@ -11,8 +11,8 @@ Schedule-Free keeps two points: training computes at y (one_pass: at the ascent 
   DeepSpeed: transformers drops ``opt`` and builds torch AdamW); warns when the lr scheduler is not
   constant (Schedule-Free needs none: ``lr_scheduler_type="constant"``; its warm-up is the
   optimizer's ``warmup_steps``).
-- ``on_step_end``: ``eval()`` when a checkpoint is due (``control.should_save``), so that every
-  checkpoint's model file holds x; ``on_save``: ``train()`` again.
+- ``on_step_end`` and ``on_epoch_end``: ``eval()`` when a checkpoint is due (``control.should_save``),
+  so that every checkpoint's model file holds x; ``on_save``: ``train()`` again.
 - ``on_evaluate``: ``train()`` again (unless a save follows); ``on_train_end``: ``eval()``, so that
   ``trainer.save_model()``/``evaluate()``/``predict()`` after ``train()`` see x.
 
@@ -121,6 +121,10 @@ class ScheduleFreeCallback(TrainerCallback):
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if control.should_save:
             self._mode(optimizer, "eval")  # the checkpoint's model file holds x
+
+    def on_epoch_end(self, args, state, control, optimizer=None, **kwargs):
+        if control.should_save:  # save_strategy="epoch"
+            self._mode(optimizer, "eval")
 
     def on_save(self, args, state, control, optimizer=None, **kwargs):
         if state.global_step < state.max_steps:
