@@ -134,6 +134,24 @@ def _ranks(rank, world, rec):
         except AssertionError as e:
             rec(name, unregistered=str(e))
 
+    def attach_refusals(name):
+        cfg = S.ds_config(2, "fp32", "one_pass")
+        model = S.make_model()
+        opt = AdamWMSAMScheduleFree(S.param_groups(model), lr=0.02, rho=0.05)
+        opt.train()
+        x, y = S.batch(0)
+        S.loss_fn(model(x), y).backward()
+        opt.step()  # a step outside any engine: its state is for the full params
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=client_config(cfg))
+        try:
+            attach(engine)
+            rec(name, after_local_step=None)
+        except RuntimeError as e:
+            rec(name, after_local_step=str(e))
+        finally:
+            engine.destroy()
+
+    rec.case("attach/refusals", lambda: attach_refusals("attach/refusals"))
     for name, (stage, mode, dtype) in ATTACH_CASES.items():
         rec.case(name, lambda: attached(name, stage, mode, dtype))
     rec.case("unattached", lambda: unattached("unattached"))
@@ -196,3 +214,8 @@ def test_register_refusals(results):
         assert v["bad_key"] is not None and "optimizer.params.lrr" in v["bad_key"], v
         assert v["two_pass_gas"] is not None and "gradient_accumulation_steps" in v["two_pass_gas"], v
         assert v["unregistered"] is not None and "not a supported DeepSpeed Optimizer" in v["unregistered"], v
+
+
+def test_attach_refusals(results):
+    for v in S.case_values(results, "attach/refusals"):
+        assert v["after_local_step"] is not None and "already stepped outside the engine" in v["after_local_step"], v
