@@ -34,7 +34,24 @@ def _global_m_norm(opt):
     return float(t.sqrt())
 
 
-def _measure(rec, name, engine, opt, mode, dtype="fp32"):
+def _record_ascents(opt, mode):
+    """two_pass: after each move_to_ascent(), the scale of every group and +ρ/||m|| over the global m
+    (step() resets the scale, so it is read here)."""
+    seen = []
+    if mode != "two_pass":
+        return seen
+    original = opt.move_to_ascent
+
+    def move_to_ascent():
+        original()
+        seen.append(([g["ascent_scale"] for g in opt.param_groups], opt.param_groups[0]["rho"] / _global_m_norm(opt)))
+    opt.move_to_ascent = move_to_ascent
+    return seen
+
+
+def _measure(rec, name, engine, opt, mode, dtype="fp32", ascents=()):
+    if ascents:
+        rec(name, ascents=list(ascents))
     rho = opt.param_groups[0]["rho"]
     scales = [g["ascent_scale"] for g in opt.param_groups]
     sign = -1.0 if mode == "one_pass" else 1.0
@@ -71,8 +88,9 @@ def _ranks(rank, world, rec):
             opt = attach(engine)
             rec(name, idempotent=attach(engine) is opt and attach(engine.optimizer) is opt)
             engine.optimizer.train()
+            ascents = _record_ascents(opt, mode)
             S.ds_train(engine, opt, STEPS, mode)
-            _measure(rec, name, engine, opt, mode, dtype)
+            _measure(rec, name, engine, opt, mode, dtype, ascents)
         finally:
             engine.destroy()
 
@@ -105,8 +123,9 @@ def _ranks(rank, world, rec):
             opt = engine.optimizer._msam_facade
             rec(name, is_facade=type(opt).__name__, same_zero=zero is engine.optimizer)
             zero.train()
+            ascents = _record_ascents(opt, mode)
             S.ds_train(engine, opt, STEPS, mode)
-            _measure(rec, name, engine, opt, mode)
+            _measure(rec, name, engine, opt, mode, "fp32", ascents)
         finally:
             engine.destroy()
 
@@ -192,6 +211,11 @@ def test_ascent_scale_same_on_every_rank_and_global(results, case):
     assert len(set(scales[0])) == 1, scales  # one ||m|| for every group, not one per group
     if values[0]["expected_scale"] is not None:  # one_pass: the scale of the current ascent, from the m it holds
         assert scales[0][0] == pytest.approx(values[0]["expected_scale"], rel=1e-5)
+    else:  # two_pass: each step's ascent, read after move_to_ascent()
+        ascents = [v["ascents"] for v in values]
+        assert len(ascents[0]) == STEPS and all(a == ascents[0] for a in ascents), ascents
+        for group_scales, expected in ascents[0]:
+            assert len(set(group_scales)) == 1 and group_scales[0] == pytest.approx(expected, rel=1e-5), ascents[0]
 
 
 def test_attach_is_idempotent(results):
