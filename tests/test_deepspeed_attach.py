@@ -242,4 +242,6 @@ def test_register_refusals(results):
 
 def test_attach_refusals(results):
     for v in S.case_values(results, "attach/refusals"):
-        assert v["after_local_step"] is not None and "already stepped outside the engine" in v["after_local_step"], v
+        # attach's own refusal, or (with late binding) the optimizer's: its state was made for other tensors
+        assert v["after_local_step"] is not None and ("already stepped outside the engine" in v["after_local_step"] or
+                                                      "after the optimizer state was created" in v["after_local_step"]), v
