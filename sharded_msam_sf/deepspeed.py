@@ -33,9 +33,12 @@ stays the step. two_pass::
     engine.step()
 
 An engine built by someone else around our optimizer (``deepspeed.initialize(...,
-optimizer=AdamWMSAMScheduleFree(params, backend=DeepSpeedBackend()))``)::
+optimizer=AdamWMSAMScheduleFree(params))``: HF Trainer, Accelerate, Lightning)::
 
     optimizer = attach(engine)
+
+or, before any engine is built, :func:`register`: then every ``deepspeed.initialize`` builds
+ours from a config that names it, and attaches ours wherever it is the engine's optimizer.
 
 How the optimizer is coupled to DeepSpeed's ZeRO optimizers (and every DeepSpeed internal
 that takes): :mod:`sharded_msam_sf.backends.zero`.
@@ -49,12 +52,13 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 import torch
 import torch.distributed as dist
 
-from .backends.zero import DeepSpeedBackend, ZeroDriver, bind, full_fp32_state_dict
+from .backends.zero import DeepSpeedBackend, ZeroDriver, bind, full_fp32_state_dict, wrapper_classes
 from .config import ConfigError, is_our_optimizer, optimizer_kwargs_from_config
 from .deepspeed_config import check_deepspeed_config, client_config, load_deepspeed_config
 from .optimizer import AdamWMSAMScheduleFree
 
-__all__ = ["initialize", "attach", "init_distributed", "DeepSpeedMSAMOptimizer", "ConfigError"]
+__all__ = ["initialize", "attach", "register", "unregister", "registered", "facade_of", "init_distributed",
+           "DeepSpeedMSAMOptimizer", "ConfigError"]
 
 
 
@@ -124,15 +128,127 @@ def initialize(model: torch.nn.Module = None,
 
 def attach(engine: Any) -> "DeepSpeedMSAMOptimizer":
     """Bind the :class:`AdamWMSAMScheduleFree` inside a DeepSpeed engine (ZeRO-1/2/3 or the
-    BF16_Optimizer) and return the facade; idempotent. The engine must have been built with
-    ``optimizer=AdamWMSAMScheduleFree(..., backend=DeepSpeedBackend())`` (and, in its config,
-    ``zero_allow_untested_optimizer: true``); :func:`initialize` does both."""
-    zero = getattr(engine, "optimizer", None)
+    BF16_Optimizer) and return the facade; idempotent.
+
+    ``engine`` is the ``DeepSpeedEngine`` — built by :func:`initialize`, or elsewhere with
+    ``deepspeed.initialize(optimizer=AdamWMSAMScheduleFree(...))`` (HF Trainer, Accelerate,
+    Lightning's DeepSpeedStrategy; ``zero_allow_untested_optimizer: true`` in its config) — or its
+    ZeRO wrapper (``engine.optimizer``) when the engine is not at hand (the facade's
+    :meth:`~DeepSpeedMSAMOptimizer.eval_state_dict` then needs the engine: it raises). An optimizer
+    built without ``backend=DeepSpeedBackend()`` is switched to it here (before its first step).
+    After it, ``train()``/``eval()``/``move_to_ascent()``/``move_from_ascent()`` called on the ZeRO
+    wrapper, or on Accelerate's ``AcceleratedOptimizer`` around it, act on the engine's weights."""
+    if isinstance(engine, wrapper_classes()):
+        engine, zero = None, engine  # the ZeRO wrapper itself
+    else:
+        zero = getattr(engine, "optimizer", None)
+        if zero is None or isinstance(zero, AdamWMSAMScheduleFree):
+            raise TypeError(f"attach(engine): expected a DeepSpeedEngine with a ZeRO (stage 1-3) or bf16 optimizer, or "
+                            f"that optimizer wrapper; got {type(engine).__name__} wrapping {type(zero).__name__}")
     ours = getattr(zero, "optimizer", None)
+    facade = getattr(zero, "_msam_facade", None)
+    if facade is not None:
+        return facade
     if not isinstance(ours, AdamWMSAMScheduleFree):
         raise TypeError(f"attach(engine): the engine's optimizer does not wrap an AdamWMSAMScheduleFree "
                         f"(found {type(ours).__name__} inside {type(zero).__name__})")
-    return DeepSpeedMSAMOptimizer(bind(engine, ours))
+    if not isinstance(ours.backend, DeepSpeedBackend):
+        if any(g["k"] > 0 for g in ours.param_groups):
+            raise RuntimeError("attach(engine): this AdamWMSAMScheduleFree has already stepped outside the engine; "
+                               "attach it right after deepspeed.initialize")
+        _pin_backend(ours, DeepSpeedBackend())
+    facade = DeepSpeedMSAMOptimizer(bind(engine, ours, zero))
+    for name in ("train", "eval", "move_to_ascent", "move_from_ascent"):
+        setattr(zero, name, getattr(facade, name))
+    zero._msam_facade = facade
+    return facade
+
+
+def _pin_backend(optimizer: AdamWMSAMScheduleFree, backend: DeepSpeedBackend) -> None:
+    """``optimizer.bind_backend(backend)`` (the optimizer's late-binding hook: pinned, never
+    re-resolved); an optimizer.py without that hook holds its back end in ``_backend``."""
+    bind = getattr(type(optimizer), "bind_backend", None)
+    if bind is not None:
+        bind(optimizer, backend)
+    else:
+        optimizer._backend = backend
+
+
+def facade_of(optimizer: Any) -> Optional["DeepSpeedMSAMOptimizer"]:
+    """The :class:`DeepSpeedMSAMOptimizer` found by following ``.optimizer`` from ``optimizer``
+    (Accelerate's wrapper → the ZeRO wrapper), or None."""
+    seen = 0
+    while optimizer is not None and seen < 8:
+        facade = getattr(optimizer, "_msam_facade", None)
+        if isinstance(facade, DeepSpeedMSAMOptimizer):
+            return facade
+        if isinstance(optimizer, DeepSpeedMSAMOptimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return None
+
+
+# ---------------------------------------------------------------------- register()
+_ORIGINALS: Dict[str, Any] = {}
+
+
+def register() -> None:
+    """Teach ``deepspeed.initialize`` our optimizer; idempotent (undo: :func:`unregister`).
+
+    After it, a DeepSpeed config whose optimizer section is
+    ``{"type": "AdamWMSAMScheduleFree", "params": {...}}`` builds ours (the section validated as
+    :func:`initialize` does: bad keys and values are ConfigErrors naming them; the rest of the
+    config checked by :func:`~sharded_msam_sf.deepspeed_config.check_deepspeed_config`), and
+    every engine whose optimizer is an :class:`AdamWMSAMScheduleFree` — from the config or passed
+    as ``optimizer=`` — is :func:`attach`\ ed when it is built. This is the JSON route of the HF
+    Trainer (``TrainingArguments(deepspeed=...)``), Accelerate's DeepSpeed plugin and Lightning.
+    Which DeepSpeed methods it replaces, and why: :mod:`sharded_msam_sf.backends.zero`."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    if _ORIGINALS:
+        return
+    supported = DeepSpeedEngine._is_supported_optimizer
+    basic = DeepSpeedEngine._configure_basic_optimizer
+    configure = DeepSpeedEngine._configure_optimizer
+
+    def _is_supported_optimizer(self, optimizer_name):
+        return is_our_optimizer({"type": optimizer_name}) or supported(self, optimizer_name)
+
+    def _configure_basic_optimizer(self, model_parameters):
+        name = self.optimizer_name()
+        if not is_our_optimizer({"type": name}):
+            return basic(self, model_parameters)
+        section = {"type": name, "params": dict(self.optimizer_params() or {})}
+        opt_kwargs = optimizer_kwargs_from_config(section)
+        check_deepspeed_config(getattr(self._config, "_param_dict", {}) or {}, opt_kwargs.get("sam_mode", "one_pass"))
+        self._config.zero_allow_untested_optimizer = True
+        return AdamWMSAMScheduleFree(model_parameters, **opt_kwargs, backend=DeepSpeedBackend())
+
+    def _configure_optimizer(self, client_optimizer, model_parameters):
+        configure(self, client_optimizer, model_parameters)
+        if isinstance(getattr(self.optimizer, "optimizer", None), AdamWMSAMScheduleFree):
+            attach(self)
+
+    _ORIGINALS.update(_is_supported_optimizer=supported, _configure_basic_optimizer=basic,
+                      _configure_optimizer=configure)
+    DeepSpeedEngine._is_supported_optimizer = _is_supported_optimizer
+    DeepSpeedEngine._configure_basic_optimizer = _configure_basic_optimizer
+    DeepSpeedEngine._configure_optimizer = _configure_optimizer
+
+
+def unregister() -> None:
+    """Put DeepSpeed's methods back (engines already built stay attached)."""
+    if not _ORIGINALS:
+        return
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    for name, fn in _ORIGINALS.items():
+        setattr(DeepSpeedEngine, name, fn)
+    _ORIGINALS.clear()
+
+
+def registered() -> bool:
+    """Whether :func:`register` is in effect."""
+    return bool(_ORIGINALS)
 
 
 class DeepSpeedMSAMOptimizer:
@@ -150,6 +266,8 @@ class DeepSpeedMSAMOptimizer:
         self._driver = driver
         self.engine = driver.engine
         self.optimizer = driver.optimizer
+        #: the module the engine computes with (``engine.module``; None if attached without the engine)
+        self.module = getattr(driver.engine, "module", None)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -232,11 +350,14 @@ class DeepSpeedMSAMOptimizer:
         :func:`~sharded_msam_sf.backends.zero.full_fp32_state_dict` (the fp32 masters, not rounded
         to a bf16/fp16 model's dtype). Collective: every rank must call it. In train mode the
         optimizer is switched to eval for the export and back."""
+        if self.module is None:
+            raise RuntimeError("eval_state_dict(): this facade was attached to a ZeRO wrapper without its engine; "
+                               "call attach(engine) with the DeepSpeedEngine, or set facade.module = engine.module")
         was_train = self.train_mode
         if was_train:
             self.eval()
         try:
-            return full_fp32_state_dict(self.engine.module, rank0_only=rank0_only)
+            return full_fp32_state_dict(self.module, rank0_only=rank0_only)
         finally:
             if was_train:
                 self.train()

@@ -48,6 +48,7 @@ from torch.optim import Optimizer
 from . import hyperparams as H
 from . import kernels as K
 from .backends import Backend, resolve_backend
+from .backends.zero import refuse_unbound_zero
 from .hyperparams import SAM_MODES, default_rho
 from .kernels.rules import decode_flag, encode_flags
 
@@ -604,6 +605,7 @@ class AdamWMSAMScheduleFree(Optimizer):
         init_call = self._is_state_init_call()  # allowed in eval mode: DCP loads into a fresh optimizer
         if not init_call:
             self._require_train("step()")
+            refuse_unbound_zero(self)  # stepped inside a DeepSpeed engine without attach(): wrong ||m||
         loss = None
         if closure is not None:
             with torch.enable_grad():

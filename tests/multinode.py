@@ -192,5 +192,7 @@ def writers(audit_dir: Path, under: Path) -> dict[str, set[str]]:
             if under not in p.parents:
                 continue
             rel = re.sub(r"(^|/)\.([^/]+)\.tmp\d+$", r"\1\2", str(p.relative_to(under)).replace(".tmp-step_", "step_"))
+            # TensorBoard names its event file by time, host and pid: fold those
+            rel = re.sub(r"(^|/)events\.out\.tfevents\.[^/]+$", r"\1events.out.tfevents.*", rel)
             found.setdefault(rel, set()).add(rank)
     return found

@@ -58,6 +58,28 @@ hooks).
   out of the step with ``_set_fp32_optimizer_param_groups()`` /
   ``_clear_fp32_optimizer_param_groups()``, as its ``state_dict()`` does.
 
+- Stepped by a ZeRO wrapper it is not bound to (an engine built with ``optimizer=`` ours and no
+  :func:`~sharded_msam_sf.deepspeed.attach`), the optimizer's ``step()`` asks
+  :func:`unbound_zero_wrapper`, which looks up the Python stack for a ``step``/``_optimizer_step``
+  frame whose ``self`` is one of DeepSpeed's wrappers (``DeepSpeedZeroOptimizer``,
+  ``DeepSpeedZeroOptimizer_Stage3``, ``BF16_Optimizer``, ``FP16_Optimizer``,
+  ``FP16_UnfusedOptimizer``) holding this optimizer as ``.optimizer``; found, the step raises.
+  Only when ``deepspeed`` is imported and the optimizer is not bound.
+- :func:`~sharded_msam_sf.deepspeed.register` *replaces* three ``DeepSpeedEngine`` methods (class
+  attributes, put back by ``unregister()``), each calling DeepSpeed's original for anything else:
+  ``_is_supported_optimizer(name)`` (the engine's sanity check asserts on an optimizer type it
+  does not know: ours is accepted), ``_configure_basic_optimizer(model_parameters)`` (builds
+  ours from the config's optimizer section, validated, with ``zero_allow_untested_optimizer``
+  set on the engine's ``_config`` and its ``_param_dict`` checked by
+  :func:`~sharded_msam_sf.deepspeed_config.check_deepspeed_config`) and
+  ``_configure_optimizer(client_optimizer, model_parameters)`` (after DeepSpeed's, an
+  ``AdamWMSAMScheduleFree`` inside ``engine.optimizer`` is attached). ``deepspeed.initialize``
+  itself is not wrapped: Accelerate and others call it through their own references.
+- :func:`~sharded_msam_sf.deepspeed.attach` sets ``train``, ``eval``, ``move_to_ascent`` and
+  ``move_from_ascent`` as instance attributes of the ZeRO wrapper (``engine.optimizer``), so that
+  Accelerate's ``AcceleratedOptimizer.train()/eval()`` (which call ``optimizer.train()`` on the
+  wrapper they hold) reach the engine's weights; ``_msam_facade`` on the wrapper keeps the facade.
+
 Also here: :func:`gathered` (the one ZeRO-3 gather helper) and :func:`full_fp32_state_dict`
 (the one weight export).
 """
@@ -65,6 +87,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, Optional
 
 import torch
@@ -76,7 +99,8 @@ from .base import Backend
 if TYPE_CHECKING:  # pragma: no cover
     from ..optimizer import AdamWMSAMScheduleFree
 
-__all__ = ["DeepSpeedBackend", "ZeroDriver", "bind", "gathered", "full_fp32_state_dict"]
+__all__ = ["DeepSpeedBackend", "ZeroDriver", "bind", "gathered", "full_fp32_state_dict", "wrapper_classes",
+           "unbound_zero_wrapper", "refuse_unbound_zero"]
 
 OVERFLOW_REASON = "DeepSpeed found a non-finite gradient (fp16: the loss scale drops) and skipped the step"
 
@@ -114,13 +138,71 @@ def _kind(zero: Any) -> str:
         f"this engine wraps the optimizer in {type(zero).__name__}: set zero_optimization.stage to 1, 2 or 3")
 
 
-def bind(engine: Any, optimizer: "AdamWMSAMScheduleFree") -> "ZeroDriver":
-    """The driver that couples ``optimizer`` to ``engine``'s ZeRO optimizer, created on the first
-    call (idempotent: the optimizer's back end keeps it)."""
+def wrapper_classes() -> tuple:
+    """DeepSpeed's optimizer wrappers that call a client optimizer's ``step()`` (ZeRO-1/2, ZeRO-3,
+    BF16, and the fp16 ones without ZeRO, which :func:`bind` refuses)."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    out = [DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3, BF16_Optimizer]
+    try:
+        from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+        out += [FP16_Optimizer, FP16_UnfusedOptimizer]
+    except ImportError:  # pragma: no cover - moved in another DeepSpeed version
+        pass
+    return tuple(out)
+
+
+_STEP_FRAMES = frozenset({"step", "_optimizer_step"})
+
+
+def unbound_zero_wrapper(optimizer: Any) -> Optional[Any]:
+    """The DeepSpeed wrapper that is running ``optimizer.step()`` right now, if the optimizer is
+    not bound to it (else None). Only looked for when ``deepspeed`` is imported and the optimizer
+    has no driver: the stack's ``step``/``_optimizer_step`` frames are checked for a ``self`` of
+    :func:`wrapper_classes` whose ``.optimizer`` is this optimizer."""
+    if "deepspeed" not in sys.modules:
+        return None
+    backend = optimizer.backend
+    if isinstance(backend, DeepSpeedBackend) and backend.driver is not None:
+        return None
+    try:
+        classes = wrapper_classes()
+    except ImportError:  # pragma: no cover
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name in _STEP_FRAMES:
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, classes) and getattr(obj, "optimizer", None) is optimizer:
+                return obj
+        frame = frame.f_back
+    return None
+
+
+def refuse_unbound_zero(optimizer: Any) -> None:
+    """Raise if a DeepSpeed wrapper steps ``optimizer`` without :func:`bind`: it would compute
+    ``||m||`` per rank and per (sub-)group, count ZeRO-3 sub-groups as steps, and leave
+    ``train()``/``eval()`` off the engine's weights."""
+    zero = unbound_zero_wrapper(optimizer)
+    if zero is not None:
+        raise RuntimeError(
+            f"AdamWMSAMScheduleFree is stepped by DeepSpeed's {type(zero).__name__} without being attached to the "
+            f"engine (the step would use ||m|| per rank and per group): call "
+            f"sharded_msam_sf.deepspeed.attach(engine) after deepspeed.initialize, or "
+            f"sharded_msam_sf.deepspeed.register() before it (HF Trainer / Accelerate / Lightning)")
+
+
+def bind(engine: Any, optimizer: "AdamWMSAMScheduleFree", zero: Any = None) -> "ZeroDriver":
+    """The driver that couples ``optimizer`` to ``engine``'s ZeRO optimizer (or to ``zero``, a ZeRO
+    wrapper whose engine is not at hand: ``engine`` may then be None), created on the first call
+    (idempotent: the optimizer's back end keeps it)."""
+    zero = engine.optimizer if zero is None else zero
     driver = getattr(optimizer.backend, "driver", None)
     if driver is None:
-        return ZeroDriver(engine, optimizer)
-    if driver.zero is not engine.optimizer:
+        return ZeroDriver(engine, optimizer, zero)
+    if driver.zero is not zero:
         raise RuntimeError("this AdamWMSAMScheduleFree is already bound to another DeepSpeed engine")
     return driver
 
@@ -151,10 +233,10 @@ class ZeroDriver:
                   "checkpoint_event_prologue", "checkpoint_event_epilogue", "_reassign_or_swap_out_partitioned_parameters"),
     }
 
-    def __init__(self, engine: Any, optimizer: "AdamWMSAMScheduleFree") -> None:
+    def __init__(self, engine: Any, optimizer: "AdamWMSAMScheduleFree", zero: Any = None) -> None:
         self.engine = engine
         self.optimizer = optimizer
-        self.zero = engine.optimizer
+        self.zero = engine.optimizer if zero is None else zero
         self.kind = _kind(self.zero)
         required = ("step", "overflow", "dp_process_group", "zero_grad") + self._REQUIRED[self.kind]
         missing = [a for a in required if not hasattr(self.zero, a)]

@@ -1,0 +1,174 @@
+"""Hugging Face ``transformers.Trainer``: :class:`ScheduleFreeCallback` and :class:`MSAMTrainer`.
+
+Schedule-Free keeps two points: training computes at y (one_pass: at the ascent point
+``y + s·m``), and the weights to evaluate and keep are the average x. The Trainer already calls
+``optimizer.train()`` in every ``training_step`` and ``optimizer.eval()`` in its evaluation loop;
+:class:`ScheduleFreeCallback` adds what it misses:
+
+- ``on_train_begin``: binds our optimizer inside a DeepSpeed engine (:func:`sharded_msam_sf.deepspeed.attach`
+  of the ZeRO wrapper, if ``register()``/``attach()`` did not already) and calls ``train()``;
+  refuses a Trainer whose optimizer is not ours (``Trainer(optimizers=(opt, None))`` with
+  DeepSpeed: transformers drops ``opt`` and builds torch AdamW); warns when the lr scheduler is not
+  constant (Schedule-Free needs none: ``lr_scheduler_type="constant"``; its warm-up is the
+  optimizer's ``warmup_steps``).
+- ``on_step_end`` and ``on_epoch_end``: ``eval()`` when a checkpoint is due (``control.should_save``),
+  so that every checkpoint's model file holds x; ``on_save``: ``train()`` again.
+- ``on_evaluate``: ``train()`` again (unless a save follows); ``on_train_end``: ``eval()``, so that
+  ``trainer.save_model()``/``evaluate()``/``predict()`` after ``train()`` see x.
+
+:class:`MSAMTrainer` is a ``Trainer`` that adds the callback and runs two_pass: its
+``training_step`` takes the first backward pass, ``move_to_ascent()``, the second backward pass at
+the ascent point, then ``move_from_ascent()`` (the Trainer then clips and steps). Under DeepSpeed,
+Accelerate's backward also runs ``engine.step()``: the first pass runs ``engine.backward`` only,
+and the engine's step after the second pass removes the ascent itself. two_pass needs
+``gradient_accumulation_steps=1``. one_pass is the plain ``Trainer`` loop.
+
+Routes (see docs/integrations.md): ``optimizer_cls_and_kwargs=(AdamWMSAMScheduleFree, kwargs)``
+(one process, DDP, DeepSpeed), or under DeepSpeed the JSON optimizer section
+``{"type": "AdamWMSAMScheduleFree", "params": {...}}`` after :func:`sharded_msam_sf.deepspeed.register`.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any, Optional
+
+from transformers import Trainer, TrainerCallback
+
+from ..optimizer import AdamWMSAMScheduleFree
+
+__all__ = ["ScheduleFreeCallback", "MSAMTrainer", "find_optimizer"]
+
+DROPPED_OPTIMIZER = (
+    "Trainer(optimizers=(AdamWMSAMScheduleFree(...), ...)) with DeepSpeed: transformers drops that optimizer and "
+    "builds its own (torch AdamW). Pass optimizer_cls_and_kwargs=(AdamWMSAMScheduleFree, kwargs) instead, or name "
+    "it in the DeepSpeed JSON (\"optimizer\": {\"type\": \"AdamWMSAMScheduleFree\", \"params\": {...}}) after "
+    "sharded_msam_sf.deepspeed.register()")
+
+
+def _deepspeed_enabled(args: Any) -> bool:
+    return bool(getattr(args, "deepspeed", None) or getattr(args, "hf_deepspeed_config", None))
+
+
+def find_optimizer(optimizer: Any, bind: bool = True, module: Any = None) -> Any:
+    """Ours behind ``optimizer`` (Accelerate's wrapper, DeepSpeed's ZeRO wrapper): the
+    :class:`~sharded_msam_sf.deepspeed.DeepSpeedMSAMOptimizer` facade under DeepSpeed (attaching the
+    ZeRO wrapper first if ``bind`` and not yet attached), else the :class:`AdamWMSAMScheduleFree`;
+    None if ``optimizer`` does not hold ours. ``module``: the model the engine wraps (the Trainer's
+    ``model``), kept by a facade attached here for its ``eval_state_dict()``."""
+    chain = []
+    while optimizer is not None and len(chain) < 8:
+        chain.append(optimizer)
+        facade = getattr(optimizer, "_msam_facade", None)
+        if facade is not None:
+            return facade
+        if isinstance(optimizer, AdamWMSAMScheduleFree):
+            break
+        optimizer = getattr(optimizer, "optimizer", None)
+    if not isinstance(optimizer, AdamWMSAMScheduleFree):
+        return None
+    if len(chain) > 1 and "deepspeed" in sys.modules:
+        from ..backends.zero import wrapper_classes
+        if isinstance(chain[-2], wrapper_classes()):
+            if not bind:
+                return None
+            from ..deepspeed import attach
+            facade = attach(chain[-2])
+            if facade.module is None:
+                facade.module = module
+            return facade
+    return optimizer
+
+
+class ScheduleFreeCallback(TrainerCallback):
+    """Keeps the Trainer's model at y for training and at x for evaluation, prediction and every save
+    (see the module docstring). Add it with ``Trainer(..., callbacks=[ScheduleFreeCallback()])``."""
+
+    def __init__(self) -> None:
+        self._opt: Any = None
+
+    # ------------------------------------------------------------------ helpers
+    def _ours(self, optimizer: Any, model: Any = None) -> Any:
+        ours = find_optimizer(optimizer, module=model)
+        if ours is not None:
+            self._opt = ours
+        return self._opt
+
+    def _mode(self, optimizer: Any, mode: str) -> None:
+        ours = self._ours(optimizer)
+        if ours is not None:
+            getattr(ours, mode)()
+
+    # ------------------------------------------------------------------ events
+    def on_init_end(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer is not None and _deepspeed_enabled(args) and find_optimizer(optimizer, bind=False) is not None:
+            raise ValueError(DROPPED_OPTIMIZER)
+
+    def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
+        ours = self._ours(optimizer, model)
+        if ours is None:
+            raise TypeError(f"ScheduleFreeCallback: the Trainer's optimizer is {type(optimizer).__name__}, not "
+                            f"AdamWMSAMScheduleFree (use Trainer(optimizer_cls_and_kwargs=(AdamWMSAMScheduleFree, "
+                            f"kwargs)); under DeepSpeed this, or the JSON optimizer section after "
+                            f"sharded_msam_sf.deepspeed.register())")
+        kind = str(getattr(getattr(args, "lr_scheduler_type", None), "value", getattr(args, "lr_scheduler_type", "")))
+        if kind != "constant":
+            warnings.warn(f"ScheduleFreeCallback: lr_scheduler_type={kind!r} changes the lr over training; "
+                          f"Schedule-Free needs no schedule (its warm-up is the optimizer's warmup_steps): "
+                          f"set lr_scheduler_type=\"constant\"", UserWarning, stacklevel=2)
+        ours.train()
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if control.should_save:
+            self._mode(optimizer, "eval")  # the checkpoint's model file holds x
+
+    def on_epoch_end(self, args, state, control, optimizer=None, **kwargs):
+        if control.should_save:  # save_strategy="epoch"
+            self._mode(optimizer, "eval")
+
+    def on_save(self, args, state, control, optimizer=None, **kwargs):
+        if state.global_step < state.max_steps:
+            self._mode(optimizer, "train")
+
+    def on_evaluate(self, args, state, control, optimizer=None, **kwargs):
+        if not control.should_save and state.global_step < state.max_steps and self._opt is not None:
+            self._mode(optimizer, "train")
+
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        self._mode(optimizer, "eval")  # save_model()/evaluate() after train() see x
+
+
+class MSAMTrainer(Trainer):
+    """``transformers.Trainer`` with :class:`ScheduleFreeCallback` added and the two_pass loop in
+    :meth:`training_step` (one_pass runs the Trainer's own step)."""
+
+    def __init__(self, *args: Any, callbacks: Optional[list] = None, **kwargs: Any) -> None:
+        callbacks = list(callbacks or [])
+        if not any(isinstance(c, ScheduleFreeCallback) or c is ScheduleFreeCallback for c in callbacks):
+            callbacks.append(ScheduleFreeCallback())
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        ours = find_optimizer(self.optimizer)
+        if ours is None or ours.sam_mode != "two_pass":
+            return super().training_step(model, inputs, num_items_in_batch)
+        if self.args.gradient_accumulation_steps != 1:
+            raise ValueError(f"MSAMTrainer: two_pass needs gradient_accumulation_steps=1 (got "
+                             f"{self.args.gradient_accumulation_steps}): each backward pass is a whole step's "
+                             f"gradient; use sam_mode=\"one_pass\" with gradient accumulation")
+        wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        if wrapped is not None:
+            def first_backward(loss, sync_gradients=True, **kw):  # engine.backward without engine.step()
+                wrapped.engine.set_gradient_accumulation_boundary(is_boundary=sync_gradients)
+                wrapped.engine.backward(loss, **kw)
+            wrapped.backward = first_backward
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            if wrapped is not None:
+                del wrapped.backward
+        ours.move_to_ascent()
+        super().training_step(model, inputs, num_items_in_batch)  # at the ascent point (DeepSpeed: then steps)
+        if wrapped is None:
+            ours.move_from_ascent()
+        return loss
