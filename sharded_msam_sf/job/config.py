@@ -69,7 +69,7 @@ class CheckpointConfig:
     interval: int = 100  # steps; 0: only at the end and on SIGTERM/SIGINT
     keep: int = 2  # newest checkpoints kept
     resume: str = "auto"  # auto (resume if out_dir has one) | never | must | a checkpoint path
-    export: bool = True  # write eval-mode (x) weights to out_dir/export/model.pt at the end
+    export: bool = True  # write eval-mode (x) weights to out_dir/export/ (model.safetensors) at the end
 
 
 @dataclass
