@@ -85,3 +85,10 @@ def test_bad_deepspeed_inputs_name_the_file(tmp_path, tmp_path_factory):
     with pytest.raises(ExportError, match="mismatched: the partitions do not add up .* a mismatched model state file"):
         export(bare, out)
     assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_to_universal_refuses_zero3_and_writes_nothing(tmp_path, tmp_path_factory):
+    from sharded_msam_sf.checkpoint import main
+    ckpt = job("zero3", tmp_path_factory) / "checkpoints" / "step_000002"
+    assert main(["to-universal", str(ckpt), str(tmp_path / "u")]) == 1
+    assert not (tmp_path / "u").exists() and not list(tmp_path.glob(".tmp-*"))
