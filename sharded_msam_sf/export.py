@@ -223,10 +223,16 @@ def _ds_x_partitions(f: Path) -> Tuple[int, int, List[Tensor], Optional[list]]:
         _check_group(group, str(f))
         state = base["state"].get(i, base["state"].get(str(i)))
         _check_state(state, f"{f} (group {i})")
-        if state["z"].shape != flat.shape:
-            raise ExportError(f"{f} (group {i}): z has shape {tuple(state['z'].shape)}, the fp32 partition "
+        z, m = state["z"], state.get("exp_avg")
+        # ZeRO-1/2 save the fp32 partition without its alignment padding (at the end of the last rank's
+        # partition), and the optimizer state (a rigid checkpoint) with it
+        pad = (osd.get("group_paddings") or [0] * len(flats))[i] if stage <= 2 else 0
+        if z.dim() == 1 and flat.dim() == 1 and z.numel() == flat.numel() + pad and pad:
+            z, m = z[:flat.numel()], (m[:flat.numel()] if m is not None else None)
+        if z.shape != flat.shape:
+            raise ExportError(f"{f} (group {i}): z has shape {tuple(z.shape)}, the fp32 partition "
                               f"{tuple(flat.shape)}: the file is corrupt or mixed from two checkpoints")
-        xs.append(x_from(flat.float(), state["z"], state.get("exp_avg"), group))
+        xs.append(x_from(flat.float(), z, m, group))
     return stage, world, xs, osd.get("param_alignment_paddings")
 
 

@@ -1,7 +1,8 @@
 """`python -m sharded_msam_sf.checkpoint to-universal`: a 2-rank ZeRO-2 checkpoint, resumed through
 DeepSpeed's universal loader at 1 rank (ZeRO-2) equals the uninterrupted 2-rank run within fp32 round-off
 (the reductions differ with the world size; bound 1e-6, measured ~3e-8, printed); a ZeRO-3 engine cannot load
-it (DeepSpeed's ZeRO-3 universal loader would drop z) and fails instead of resuming wrongly."""
+it (DeepSpeed's ZeRO-3 universal loader would drop z) and fails instead of resuming wrongly. Also: the
+facade's `save_eval_weights` file equals the offline export of the same state bit for bit."""
 from __future__ import annotations
 
 import pytest
@@ -27,6 +28,8 @@ def _uninterrupted(rank, world, out, mode, stage):
     w = master_weights(engine)
     x = opt.eval_state_dict()
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    engine.save_checkpoint(out, tag="final")  # for the offline export, against the facade's live one
+    opt.save_eval_weights(f"{out}/live_x")
     _teardown(engine)
     if rank == 0:  # (tensors through the harness's queue would outlive the rank's shared memory)
         torch.save({"y": w, "x": x, "groups": groups}, f"{out}/uninterrupted.pt")
@@ -53,9 +56,15 @@ def _resumed(rank, world, out, mode, stage):
 def test_universal_resume_at_another_world_size(tmp_path):
     source, target = 2, 2
     from sharded_msam_sf.checkpoint import main
+    from sharded_msam_sf.export import export
+    from sharded_msam_sf.weights_io import load_weights
     mode = "one_pass"
     run_ranks(_uninterrupted, 2, str(tmp_path), mode, source, timeout=300)
     full = torch.load(tmp_path / "uninterrupted.pt", weights_only=True)
+    # the facade's save_eval_weights and the offline export of the same state: the same file
+    offline = export(tmp_path / "final", tmp_path / "offline_x")
+    assert (offline / "model.safetensors").read_bytes() == (tmp_path / "live_x" / "model.safetensors").read_bytes()
+    assert load_weights(offline)[1]["step"] == load_weights(tmp_path / "live_x")[1]["step"] == STEPS
     assert main(["to-universal", str(tmp_path / "saved"), str(tmp_path / "universal")]) == 0
     folders = [p for p in (tmp_path / "universal" / "zero").iterdir() if p.is_dir()]
     assert folders and all((p / "z.pt").is_file() for p in folders)
