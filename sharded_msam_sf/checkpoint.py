@@ -84,8 +84,9 @@ def _refuse_zero3_targets(out: Path) -> None:
 
 
 def to_universal(ckpt: os.PathLike | str, out: os.PathLike | str, workers: int = 1) -> Path:
-    """Convert a DeepSpeed ZeRO-1/2 checkpoint (any world size; ZeRO-3 is refused) into DeepSpeed's universal format with
-    ``z`` (see the module docstring); ``out`` is written under a temporary name and renamed at the end."""
+    """Convert a DeepSpeed ZeRO-1/2 checkpoint (any world size; ZeRO-3 is refused) into DeepSpeed's universal
+    format with ``z`` (see the module docstring); ``out`` is written under a temporary name and renamed at
+    the end."""
     path = resolve(Path(ckpt))
     verify_manifest(path)
     optim, _ = _ds_files(path)

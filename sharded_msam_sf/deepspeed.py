@@ -43,7 +43,6 @@ that takes): :mod:`sharded_msam_sf.backends.zero`.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 import torch

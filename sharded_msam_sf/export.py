@@ -30,13 +30,12 @@ optimizer file, memory-mapped; DCP: one param's y, z, m). Files we unpickle are 
 from __future__ import annotations
 
 import argparse
-import os
 import contextlib
-import json
+import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -347,7 +346,7 @@ def read_torch(path: Path, meta: dict, quiet: bool = False) -> Dict[str, Tensor]
     ones once) in state-dict order (as ``model.parameters()`` gives them; checked by shape)."""
     f = path / "state.pt" if path.is_dir() else path
     obj = load_file(f)
-    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict) or not isinstance(obj.get("optimizer"), dict):
+    if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("optimizer"), dict)):
         raise ExportError(f"{f} is not a {{'model': state_dict, 'optimizer': optimizer.state_dict()}} checkpoint")
     model, osd = obj["model"], obj["optimizer"]
     if "param_groups" not in osd or "state" not in osd:
