@@ -53,12 +53,12 @@ def _resumed(rank, world, out, mode, stage):
         torch.save({"y": w, "x": x, "groups": groups}, f"{out}/resumed.pt")
 
 
-def test_universal_resume_at_another_world_size(tmp_path):
+@pytest.mark.parametrize("mode", ["one_pass", "two_pass"])
+def test_universal_resume_at_another_world_size(tmp_path, mode):
     source, target = 2, 2
     from sharded_msam_sf.checkpoint import main
     from sharded_msam_sf.export import export
     from sharded_msam_sf.weights_io import load_weights
-    mode = "one_pass"
     run_ranks(_uninterrupted, 2, str(tmp_path), mode, source, timeout=300)
     full = torch.load(tmp_path / "uninterrupted.pt", weights_only=True)
     # the facade's save_eval_weights and the offline export of the same state: the same file
