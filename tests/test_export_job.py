@@ -1,4 +1,4 @@
-"""The offline x export of the main job's checkpoints (DeepSpeed ZeRO-1/ZeRO-3, FSDP2's DCP, DDP's state.pt,
+"""The offline x export of the main job's checkpoints (DeepSpeed ZeRO-1/ZeRO-3, FSDP1's and FSDP2's DCP, DDP's state.pt,
 2 ranks) equals the job's live export file bit for bit; DeepSpeed's zero_to_fp32 gives the training point
 (the checkpoint says so and names the export command); bad DeepSpeed inputs name the file."""
 from __future__ import annotations
@@ -16,7 +16,8 @@ from tests.test_train_run import deepspeed_op_built, run_job  # noqa: F401 (the 
 pytestmark = pytest.mark.slow
 SHORT = ("train.max_steps=2", "eval.interval=0", "checkpoint.interval=2", "log.plot=false")
 CONFIGS = {"zero1": "configs/job/zero1-cpu.json", "zero3": "configs/job/zero3-cpu.json",
-           "fsdp2": "configs/job/fsdp2-cpu.json", "ddp": "configs/job/ddp-cpu.json"}
+           "fsdp2": "configs/job/fsdp2-cpu.json", "fsdp1": "configs/job/fsdp1-cpu.json",
+           "ddp": "configs/job/ddp-cpu.json"}
 _runs: dict = {}
 
 
