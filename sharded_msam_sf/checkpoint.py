@@ -13,8 +13,8 @@ DeepSpeed's converter, unchanged, does all the slicing and merging.
 Sources: ZeRO-1/2 checkpoints of any world size (ZeRO-3 is refused: see below).
 Targets: ZeRO-1 and ZeRO-2 at any world size (``"checkpoint": {"load_universal": true}``; measured: a
 2-rank ZeRO-2 run resumed at 1 rank equals the uninterrupted run within 3e-8, one_pass and two_pass: fp32
-round-off of the different reduction). Not ZeRO-3: DeepSpeed's ZeRO-3 universal loader hard-codes ``fp32``, ``exp_avg``,
-``exp_avg_sq`` and would drop z, so the output is made unloadable by a ZeRO-3 engine (it fails at
+round-off of the different reduction). Not ZeRO-3: DeepSpeed's ZeRO-3 universal loader hard-codes
+``fp32``, ``exp_avg``, ``exp_avg_sq`` and would drop z, so the output is made unloadable by a ZeRO-3 engine (it fails at
 ``load_checkpoint``) rather than resume on a wrong trajectory; and a ZeRO-3 source is refused (its
 universal output would need the module weights rebuilt for a ZeRO-1/2 engine, not done here).
 """

@@ -179,3 +179,27 @@ def test_cli_reports_errors_with_exit_code_1(tmp_path, capsys):
         warnings.simplefilter("error")
         assert main([str(tmp_path / "s.pt"), "--out", str(tmp_path / "x"), "--quiet"]) == 0
     assert_bit_equal(live_x(model, opt), load_weights(tmp_path / "x")[0])
+
+
+def test_hf_model_checkpoint_loads_with_from_pretrained(tmp_path):
+    transformers = pytest.importorskip("transformers")  # an optional dependency of the users who have HF models
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    opt = AdamWMSAMScheduleFree(model.parameters(), lr=0.01, warmup_steps=1, rho=0.05)
+    opt.train()
+    ids = torch.randint(0, 32, (2, 8))
+    for _ in range(2):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, ck / "state.pt")
+    cfg.save_pretrained(ck)  # config.json alongside: an HF model
+    want = live_x(model, opt)
+    out = export(ck, tmp_path / "x")
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(out)
+    got = loaded.state_dict()
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k

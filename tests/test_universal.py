@@ -1,6 +1,7 @@
 """`python -m sharded_msam_sf.checkpoint to-universal`: a 2-rank ZeRO-2 checkpoint, resumed through
 DeepSpeed's universal loader at 1 rank (ZeRO-2) equals the uninterrupted 2-rank run within fp32 round-off
-(the reductions differ with the world size; bound 1e-6, measured 3.0e-8 one_pass, 1.5e-8 two_pass, printed); a ZeRO-3 engine cannot load
+(the reductions differ with the world size; bound 1e-6; measured 3.0e-8 one_pass, 1.5e-8
+two_pass, printed); a ZeRO-3 engine cannot load
 it (DeepSpeed's ZeRO-3 universal loader would drop z) and fails instead of resuming wrongly. Also: the
 facade's `save_eval_weights` file equals the offline export of the same state bit for bit."""
 from __future__ import annotations
