@@ -46,7 +46,6 @@ that takes): :mod:`sharded_msam_sf.backends.zero`.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 import torch
@@ -363,8 +362,10 @@ class DeepSpeedMSAMOptimizer:
                 self.train()
 
     def save_eval_weights(self, path: Union[str, os.PathLike]) -> None:
-        """Write :meth:`eval_state_dict` with ``torch.save`` on rank 0 (collective)."""
+        """Write :meth:`eval_state_dict` on rank 0 as the export directory ``path`` (``model.safetensors``
+        + ``export.json``: :mod:`sharded_msam_sf.weights_io`; read back with ``load_weights(path)``);
+        collective. ``python -m sharded_msam_sf.export`` writes the same file from a checkpoint."""
+        from .weights_io import save_weights
         sd = self.eval_state_dict(rank0_only=True)
         if sd is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            torch.save(sd, str(path))
+            save_weights(sd, path, {"weights": "x", "step": int(self.engine.global_steps)})

@@ -153,7 +153,8 @@ def val_losses(out_dir: Path) -> dict[int, float]:
 
 
 def exported(out_dir: Path) -> dict:
-    return torch.load(out_dir / "export" / "model.pt", weights_only=True)["model"]
+    from sharded_msam_sf.weights_io import load_weights
+    return load_weights(out_dir / "export")[0]
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

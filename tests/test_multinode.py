@@ -167,7 +167,7 @@ def test_two_nodes_equal_one_node(tmp_path, name, reference):
         assert who, "the file audit saw no writes"
         shared = {path: ranks for path, ranks in who.items() if len(ranks) > 1}
         assert not shared, f"files written by more than one rank: {shared}"
-        for path in ("metrics.jsonl", "export/model.pt", "checkpoints/latest", "checkpoints/step_000006/job_state.json"):
+        for path in ("metrics.jsonl", "export/model.safetensors", "checkpoints/latest", "checkpoints/step_000006/job_state.json"):
             assert who.get(path) == {"0"}, (path, who.get(path))
         per_rank = {r for path, ranks in who.items() if path.startswith("checkpoints/step_000006/") for r in ranks}
         assert per_rank == ({"0"} if name == "ddp" else {"0", "1"})  # DDP: rank 0 saves; DCP/ZeRO: every rank

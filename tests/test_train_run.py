@@ -72,7 +72,9 @@ def val_losses(out_dir: Path) -> dict[int, float]:
 
 
 def exported(out_dir: Path) -> dict:
-    return torch.load(out_dir / "export" / "model.pt", weights_only=True)
+    from sharded_msam_sf.weights_io import load_weights
+    sd, meta = load_weights(out_dir / "export")
+    return {"model": sd, "meta": meta}
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

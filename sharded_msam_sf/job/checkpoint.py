@@ -759,11 +759,13 @@ def check_config_change(saved: dict, cfg, path: Path) -> list[str]:
 
 # ------------------------------------------------------------------ export and signals
 def export_weights(engine, path: Path, rank: int, meta: dict) -> None:
-    """Write the full model weights (call in the optimizer's eval mode: x) for inference; collective."""
+    """Write the full model weights (call in the optimizer's eval mode: x) for inference as the export
+    directory ``path`` (``model.safetensors`` + ``export.json``: sharded_msam_sf.weights_io); collective."""
+    from ..weights_io import save_weights
     sd = engine.full_state_dict()
     if rank == 0:
         make_private_dir(path.parent)
-        atomic_torch_save({"model": sd, "meta": meta}, path)
+        save_weights(sd, path, meta)
 
 
 class StopSignal:

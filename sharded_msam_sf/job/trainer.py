@@ -187,9 +187,9 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
 
     if cfg.checkpoint.export:
         opt.eval()
-        export_path = out_dir / "export" / "model.pt"
-        export_weights(engine, export_path, env.rank,
-                       {"step": step, "model": vars(cfg.model), "weights": "x (optimizer eval mode)"})
+        export_path = out_dir / "export"  # model.safetensors + export.json; `python -m sharded_msam_sf.export
+        export_weights(engine, export_path, env.rank,  # CKPT` writes the same files from the last checkpoint
+                       {"step": step, "weights": "x", "config": cfg.to_dict()})
         opt.train()
         progress.message(f"eval-mode (x) weights: {export_path}")
     peaks = [None] * env.world_size
