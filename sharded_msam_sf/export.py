@@ -391,27 +391,6 @@ def read_torch(path: Path, meta: dict, quiet: bool = False) -> Dict[str, Tensor]
     return sd
 
 
-DEEPSPEED_README = "README-weights.md"
-
-
-def write_deepspeed_readme(ckpt_dir: Path) -> Path:
-    """Write the note that DeepSpeed's ``zero_to_fp32.py`` gives the training point, not x, into a
-    DeepSpeed checkpoint directory (the main job does, for every DeepSpeed checkpoint)."""
-    path = Path(ckpt_dir) / DEEPSPEED_README
-    name = Path(ckpt_dir).name.removeprefix(".tmp-")  # the main job saves under a temporary name, then renames
-    path.write_text(
-        "# Weights in this checkpoint: NOT the weights to ship\n\n"
-        "This DeepSpeed checkpoint was written by AdamWMSAMScheduleFree (sharded_msam_sf) in train mode. Its fp32\n"
-        "masters hold the training point y (in one_pass plus the ascent s*m), not x, the averaged weights that the\n"
-        "optimizer evaluates and that are meant for inference. DeepSpeed's `zero_to_fp32.py` (and\n"
-        "`get_fp32_state_dict_from_zero_checkpoint`) recover those masters, so they give the training point, with\n"
-        "no warning. To get x:\n\n"
-        f"    python -m sharded_msam_sf.export {name} --out EXPORT_DIR\n\n"
-        "(run next to this directory; it needs no GPU and no process group, verifies the checkpoint's manifest\n"
-        "first, and writes EXPORT_DIR/model.safetensors). See docs/checkpoints.md.\n")
-    return path
-
-
 READERS = {"deepspeed": read_deepspeed, "dcp": read_dcp, "torch": read_torch}
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sharded_msam_sf.export import DEEPSPEED_README, ExportError, export
+from sharded_msam_sf.export import ExportError, export
+from sharded_msam_sf.weights_io import DEEPSPEED_README
 from sharded_msam_sf.weights_io import load_weights
 from tests.test_train_run import deepspeed_op_built, run_job  # noqa: F401 (the fixture builds DeepSpeed's op once)
 

@@ -15,10 +15,11 @@ LAYERS = [
     (0, ("kernels", "hyperparams", "teardown", "launch_env", "comm_count")),          # the math, the rules, the process
     (1, ("reference", "backends", "config", "jsonfile", "local_ranks", "weights_io")),  # oracle, engines, schemas
     (2, ("optimizer",)),                                                                # the optimizer
-    (3, ("deepspeed", "deepspeed_config", "analysis", "export", "checkpoint")),         # engine glue, tools
+    (3, ("deepspeed", "deepspeed_config", "analysis")),                                # engine glue, analysis
     (4, ("integrations",)),                                                             # HF, Lightning
     (5, ("job", "train")),                                                              # the main job
-    (6, ("",)),                                                                         # the package root
+    (6, ("export", "checkpoint")),                        # offline tools that read the job's checkpoints
+    (7, ("",)),                                                                         # the package root
 ]
 
 

@@ -251,7 +251,7 @@ class DeepSpeedEngine:
     def save(self, path: Path) -> None:
         self.model.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
         if self.env.rank == 0:  # DeepSpeed's zero_to_fp32.py would give the training point: say so in the dir
-            from ..export import write_deepspeed_readme
+            from ..weights_io import write_deepspeed_readme
             write_deepspeed_readme(path)
 
     def load(self, path: Path) -> None:
