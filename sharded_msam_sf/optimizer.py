@@ -692,7 +692,9 @@ class AdamWMSAMScheduleFree(Optimizer):
         calls it once, at the ascent point. two_pass runs the whole SAM loop with it:
         ``zero_grad()``, closure at y, ``move_to_ascent()``, closure at the ascent point,
         ``move_from_ascent()``, update — the usual SAM closure convention (Lightning's automatic
-        optimization). The first loss is returned. A closure that leaves no gradient at all (e.g.
+        optimization). The first loss is returned. After a ``move_to_ascent()`` of the caller's own
+        loop, two_pass calls the closure once, as torch's optimizers do (Lightning's manual
+        optimization passes one that does nothing). A closure that leaves no gradient at all (e.g.
         Lightning's ``training_step`` returning None) makes no step."""
         self._bind()  # late binding: before any state is created for these params
         self._check_groups("step()")
@@ -700,7 +702,8 @@ class AdamWMSAMScheduleFree(Optimizer):
         if not init_call:
             self._require_train("step()")
         loss = None
-        if closure is not None and not init_call and self.sam_mode == "two_pass":
+        if (closure is not None and not init_call and self.sam_mode == "two_pass"
+                and not any(g["ascent_taken"] for g in self.param_groups)):
             return self._closure_sam_loop(closure)
         if closure is not None:
             with torch.enable_grad():
@@ -720,9 +723,6 @@ class AdamWMSAMScheduleFree(Optimizer):
 
     def _closure_sam_loop(self, closure: Callable[[], Any]) -> Any:
         """two_pass ``step(closure)``: the SAM loop of :meth:`step`'s docstring."""
-        if any(g["ascent_taken"] or g["at_ascent"] for g in self.param_groups):
-            raise RuntimeError("step(closure) in two_pass mode runs move_to_ascent() itself; move_to_ascent() was "
-                               "already called: call step() without a closure (or don't call move_to_ascent())")
         self.zero_grad(set_to_none=True)
         with torch.enable_grad():
             loss = closure()

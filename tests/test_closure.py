@@ -90,15 +90,21 @@ def test_two_pass_closure_zeroes_stale_gradients_first():
     assert (flat(model) - a).abs().max().item() <= 1e-12
 
 
-def test_closure_after_move_to_ascent_is_refused():
-    model = tiny_mlp()
-    opt = AdamWMSAMScheduleFree(model.parameters(), sam_mode="two_pass")
-    opt.train()
+def test_closure_after_move_to_ascent_is_called_once():
+    # the caller's own loop (Lightning's manual optimization passes a closure that does nothing)
+    a, b = tiny_mlp(), tiny_mlp()
+    oa = AdamWMSAMScheduleFree(a.parameters(), sam_mode="two_pass")
+    ob = AdamWMSAMScheduleFree(b.parameters(), sam_mode="two_pass")
     x, y = batch()
-    mse(model, x, y).backward()
-    opt.move_to_ascent()
-    with pytest.raises(RuntimeError, match="runs move_to_ascent\\(\\) itself"):
-        opt.step(lambda: mse(model, x, y).backward())
+    calls = []
+    for m, o, closure in ((a, oa, lambda: calls.append(1)), (b, ob, None)):
+        o.train()
+        mse(m, x, y).backward()
+        o.move_to_ascent()
+        mse(m, x, y).backward()
+        o.move_from_ascent()
+        o.step(closure)
+    assert calls == [1] and torch.equal(flat(a), flat(b))
 
 
 @pytest.mark.parametrize("mode", ["one_pass", "two_pass"])

@@ -1,0 +1,1 @@
+"""Integrations with the training frameworks people use (Lightning, Hugging Face, ...): see docs/integrations.md."""
