@@ -714,12 +714,28 @@ class AdamWMSAMScheduleFree(Optimizer):
             for group in self.param_groups:
                 self._active(group, self._uses_ascent(group))
             return loss
+        if closure is None:
+            self._check_some_gradient()
         if self.sam_mode == "one_pass":
             self._step_one_pass()
         else:
             self._step_two_pass()
         self._backend.params_changed()
         return loss
+
+    def _check_some_gradient(self) -> None:
+        """A step with no gradient on any param would still count a step and move the ascent: that is
+        the trace of params the model no longer uses (e.g. FSDP1 ``use_orig_params=False`` wrapped after
+        the optimizer was built), so it is refused. (DeepSpeed's driver hands gradients itself.)"""
+        if self._has_grads() or type(self._backend).__name__ == "DeepSpeedBackend":
+            return
+        if not any(g["params"] for g in self.param_groups):
+            return
+        raise RuntimeError(
+            "step() found no gradient on any parameter: call loss.backward() before step(). If it was called, the "
+            "optimizer holds parameters the model no longer uses: FSDP with use_orig_params=False (or another "
+            "wrapper) replaced them after the optimizer was built; build the optimizer from the wrapped model's "
+            "parameters, or use use_orig_params=True")
 
     def _closure_sam_loop(self, closure: Callable[[], Any]) -> Any:
         """two_pass ``step(closure)``: the SAM loop of :meth:`step`'s docstring."""

@@ -125,3 +125,11 @@ def test_two_pass_step_without_ascent_still_raises():
     mse(model, x, y).backward()
     with pytest.raises(RuntimeError, match="without move_to_ascent"):
         opt.step()
+
+
+def test_step_without_any_gradient_is_refused():
+    model = tiny_mlp()
+    opt = AdamWMSAMScheduleFree(model.parameters())
+    opt.train()
+    with pytest.raises(RuntimeError, match="no gradient on any parameter"):
+        opt.step()

@@ -80,10 +80,24 @@ def explicit_backend_stays(rank: int, world_size: int) -> str:
     return type(opt.backend).__name__
 
 
+def flat_params_left_behind(rank: int, world_size: int):
+    """FSDP1 use_orig_params=False after the optimizer was built: the optimizer holds params the
+    model no longer uses (no mark on them); the first step() finds no gradient and refuses."""
+    model = C.make_model(seed=3)
+    opt = AdamWMSAMScheduleFree(model.parameters(), **C.HP)
+    wrapped = C.wrap("fsdp1_flat", model)
+    try:
+        C.run_loop(wrapped, opt, mode="one_pass", steps=1, dp_rank=rank, dp_size=world_size, final_eval=False)
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
 def _ranks(rank, world_size):
     out = {(route, mode): late_equivalence(route, mode, rank, world_size) for route in ROUTES for mode in MODES}
     out["state"] = {route: state_then_wrap(route, rank, world_size) for route in ROUTES}
     out["explicit"] = explicit_backend_stays(rank, world_size)
+    out["flat"] = flat_params_left_behind(rank, world_size)
     return out
 
 
@@ -114,6 +128,11 @@ def test_state_made_before_wrapping_is_refused(runs, route):
         assert msg is not None and "wrapped or replaced" in msg and "before the first step()" in msg, (rank, msg)
 
 
+def test_fsdp1_flat_wrapped_after_building_is_refused(runs):
+    for rank, r in runs.items():
+        assert r["flat"] is not None and "use_orig_params=False" in r["flat"], (rank, r["flat"])
+
+
 def test_explicit_backend_stays_as_given(runs):
     assert all(r["explicit"] == "LocalBackend" for r in runs.values())
 
@@ -131,9 +150,6 @@ def test_same_kind_replacement_carries_the_state_over():
         o.zero_grad()
     new = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
     opt.param_groups[0]["params"] = new
-    for p, q in zip(new, model.parameters()):
-        p.grad = torch.zeros_like(p)
-    grads = []
     mse(twin, x, y).backward()
     for p, q in zip(new, twin.parameters()):
         p.grad = q.grad.clone()
