@@ -171,8 +171,10 @@ class AdamWMSAMScheduleFree(Optimizer):
         state_dtype (torch.dtype or None): dtype of z, v, m. None: fp32 for bf16/fp16
             params, the param dtype otherwise; ``torch.bfloat16`` halves the optimizer
             memory, with stochastic rounding (see docs/performance.md for its effect).
-        backend: a :class:`~sharded_msam_sf.backends.Backend`; None detects it from the
-            params (plain tensors / DDP, FSDP2 DTensors, FSDP1 flat params).
+        backend: a :class:`~sharded_msam_sf.backends.Backend`, pinned; None detects it from the
+            params (plain tensors / DDP, FSDP2 DTensors, FSDP1 flat params), at construction and
+            again at the first use after they changed identity or kind (late binding: an
+            optimizer built before FSDP wraps the model, or before ``accelerate.prepare``).
         process_group: the group that reduces the norm, overriding the detected one
             (with plain params: all-reduce the stats over it, as for DDP).
         model: the wrapped model (DDP / FSDP1 / FSDP2), to find the engine's modules
@@ -235,8 +237,10 @@ class AdamWMSAMScheduleFree(Optimizer):
     # ------------------------------------------------------------------ late binding
     @property
     def _backend(self) -> Backend:
-        """The back end for the params held now (see :meth:`bind_backend` and the module docstring)."""
-        return self._binding.resolve(self)
+        """The back end bound by the last :meth:`_bind` (each public entry point binds first, so the
+        per-param check runs once per call, not at every use inside it)."""
+        b = self._binding.backend
+        return b if b is not None else self._binding.resolve(self)
 
     def _bind(self) -> None:
         self._binding.resolve(self)
@@ -303,7 +307,7 @@ class AdamWMSAMScheduleFree(Optimizer):
     @property
     def backend(self) -> Backend:
         """The back end for the params held now: resolved on first use, again after they changed."""
-        return self._backend
+        return self._binding.resolve(self)
 
     @property
     def sam_mode(self) -> str:
