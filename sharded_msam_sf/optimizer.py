@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -94,8 +95,14 @@ class _Binding:
 
     def __init__(self, backend: Optional[Backend], process_group, model) -> None:
         self.backend, self.pinned = backend, backend is not None
-        self.process_group, self.model = process_group, model
+        self.process_group = process_group
+        # a weak reference: the optimizer must not keep a DDP/FSDP model (and its gloo work) alive
+        self._model = weakref.ref(model) if model is not None else None
         self.key: Optional[tuple] = None
+
+    @property
+    def model(self) -> Optional[torch.nn.Module]:
+        return self._model() if self._model is not None else None
 
     def pin(self, backend: Backend) -> None:
         self.backend, self.pinned = backend, True
