@@ -88,7 +88,7 @@ class _Binding:
     """The optimizer's back end, resolved lazily (one object shared with wrappers such as Lightning's
     ``LightningOptimizer``, which copy the optimizer's attributes).
 
-    ``key`` is a tuple of ``(id, kind)`` per param, compared at every use (a few list operations);
+    ``key`` is a tuple of ``(id, kind)`` per param, compared at each public call (a few list operations);
     when it differs the back end is resolved again from the params held now. A back end given
     at construction (``backend=``) or by :meth:`AdamWMSAMScheduleFree.bind_backend` is pinned, and
     so is an auto-detected DeepSpeed one (its engine driver binds to that instance)."""
@@ -124,8 +124,8 @@ class _Binding:
 
     def _carry_state(self, opt: "AdamWMSAMScheduleFree", params: List[Tensor]) -> None:
         """The params changed since the last binding: move each stateful param's state to the param
-        now at its place when that is the same tensor in another object (same kind, shape, dtype,
-        device); refuse when the state was made for a tensor of another kind (a full tensor now
+        now at its place when that is the same tensor in another object (same kind, shape and
+        device, not sharded); refuse when the state was made for a tensor of another kind (a full tensor now
         sharded, or the reverse), which would silently mix layouts."""
         by_id = {id(q): q for q in opt.state}
         for (old_id, old_kind), p in zip(self.key, params):
