@@ -21,7 +21,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   python -m pip install -q --upgrade pip
   # torch first: deepspeed's build imports it
   python -m pip install -q -c "$root/constraints.txt" "${SMSF_TORCH_SPEC:-torch==2.13.0}"
-  python -m pip install -q -c "$root/constraints.txt" -e "$root[test,deepspeed,mpi,train,bench,tensorboard,hf]"
+  python -m pip install -q -c "$root/constraints.txt" -e "$root[test,deepspeed,mpi,train,bench,tensorboard,hf,lightning]"
   echo "$want" > "$stamp"
 fi
 # DeepSpeed JIT-builds a small shm comm op on first use; two ranks building it at once can

@@ -155,22 +155,12 @@ def attach(engine: Any) -> "DeepSpeedMSAMOptimizer":
         if any(g["k"] > 0 for g in ours.param_groups):
             raise RuntimeError("attach(engine): this AdamWMSAMScheduleFree has already stepped outside the engine; "
                                "attach it right after deepspeed.initialize")
-        _pin_backend(ours, DeepSpeedBackend())
+        ours.bind_backend(DeepSpeedBackend())
     facade = DeepSpeedMSAMOptimizer(bind(engine, ours, zero))
     for name in ("train", "eval", "move_to_ascent", "move_from_ascent"):
         setattr(zero, name, getattr(facade, name))
     zero._msam_facade = facade
     return facade
-
-
-def _pin_backend(optimizer: AdamWMSAMScheduleFree, backend: DeepSpeedBackend) -> None:
-    """``optimizer.bind_backend(backend)`` (the optimizer's late-binding hook: pinned, never
-    re-resolved); an optimizer.py without that hook holds its back end in ``_backend``."""
-    bind = getattr(type(optimizer), "bind_backend", None)
-    if bind is not None:
-        bind(optimizer, backend)
-    else:
-        optimizer._backend = backend
 
 
 def facade_of(optimizer: Any) -> Optional["DeepSpeedMSAMOptimizer"]:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -78,6 +79,74 @@ def _local_values(t: Tensor) -> Tensor:
     return to_local() if callable(to_local) else t
 
 
+def _param_kind(p: Tensor) -> Any:
+    """What the back-end rule reads of a param: its type (DTensor or not), FSDP1 flattening, ZeRO-3."""
+    return (type(p), bool(getattr(p, "_fsdp_flattened", False) or getattr(p, "_is_flat_param", False)),
+            hasattr(p, "ds_id"))
+
+
+class _Binding:
+    """The optimizer's back end, resolved lazily (one object shared with wrappers such as Lightning's
+    ``LightningOptimizer``, which copy the optimizer's attributes).
+
+    ``key`` is a tuple of ``(id, kind)`` per param, compared at each public call (a few list operations);
+    when it differs the back end is resolved again from the params held now. A back end given
+    at construction (``backend=``) or by :meth:`AdamWMSAMScheduleFree.bind_backend` is pinned, and
+    so is an auto-detected DeepSpeed one (its engine driver binds to that instance)."""
+
+    def __init__(self, backend: Optional[Backend], process_group, model) -> None:
+        self.backend, self.pinned = backend, backend is not None
+        self.process_group = process_group
+        # a weak reference: the optimizer must not keep a DDP/FSDP model (and its gloo work) alive
+        self._model = weakref.ref(model) if model is not None else None
+        self.key: Optional[tuple] = None
+
+    @property
+    def model(self) -> Optional[torch.nn.Module]:
+        return self._model() if self._model is not None else None
+
+    def pin(self, backend: Backend) -> None:
+        self.backend, self.pinned = backend, True
+
+    def resolve(self, opt: "AdamWMSAMScheduleFree") -> Backend:
+        if self.pinned:
+            return self.backend
+        params = [p for g in opt.param_groups for p in g["params"]]
+        key = tuple((id(p), _param_kind(p)) for p in params)
+        if key == self.key and self.backend is not None:
+            return self.backend
+        if self.key is not None:
+            self._carry_state(opt, params)
+        backend = resolve_backend(params, process_group=self.process_group, model=self.model)
+        self.backend, self.key = backend, key
+        if type(backend).__name__ == "DeepSpeedBackend":
+            self.pinned = True
+        return backend
+
+    def _carry_state(self, opt: "AdamWMSAMScheduleFree", params: List[Tensor]) -> None:
+        """The params changed since the last binding: move each stateful param's state to the param
+        now at its place when that is the same tensor in another object (same kind, shape and
+        device, not sharded); refuse when the state was made for a tensor of another kind (a full tensor now
+        sharded, or the reverse), which would silently mix layouts."""
+        by_id = {id(q): q for q in opt.state}
+        for (old_id, old_kind), p in zip(self.key, params):
+            old = by_id.get(old_id)
+            if old is None or "z" not in opt.state[old]:
+                continue
+            if old is p and old_kind == _param_kind(p):
+                continue
+            z = opt.state[old]["z"]
+            if (old_kind == _param_kind(p) and not any(old_kind[1:]) and not callable(getattr(p, "to_local", None))
+                    and z.shape == p.shape and z.device == p.device):
+                opt.state[p] = opt.state.pop(old)
+                continue
+            raise RuntimeError(
+                "AdamWMSAMScheduleFree: the parameters were wrapped or replaced (FSDP, fully_shard, "
+                "accelerator.prepare, ...) after the optimizer state was created, so the state no longer matches "
+                "them; wrap the model before the first step() (building the optimizer before wrapping is fine), "
+                "or save the state with torch.distributed.checkpoint and load it into the wrapped optimizer")
+
+
 class AdamWMSAMScheduleFree(Optimizer):
     r"""Schedule-Free AdamW with a Momentum-SAM ascent (AdamW-MSAM-ScheduleFree).
 
@@ -110,8 +179,10 @@ class AdamWMSAMScheduleFree(Optimizer):
         state_dtype (torch.dtype or None): dtype of z, v, m. None: fp32 for bf16/fp16
             params, the param dtype otherwise; ``torch.bfloat16`` halves the optimizer
             memory, with stochastic rounding (see docs/performance.md for its effect).
-        backend: a :class:`~sharded_msam_sf.backends.Backend`; None detects it from the
-            params (plain tensors / DDP, FSDP2 DTensors, FSDP1 flat params).
+        backend: a :class:`~sharded_msam_sf.backends.Backend`, pinned; None detects it from the
+            params (plain tensors / DDP, FSDP2 DTensors, FSDP1 flat params), at construction and
+            again at the first use after they changed identity or kind (late binding: an
+            optimizer built before FSDP wraps the model, or before ``accelerate.prepare``).
         process_group: the group that reduces the norm, overriding the detected one
             (with plain params: all-reduce the stats over it, as for DDP).
         model: the wrapped model (DDP / FSDP1 / FSDP2), to find the engine's modules
@@ -158,13 +229,34 @@ class AdamWMSAMScheduleFree(Optimizer):
         self._validated: Dict[int, tuple] = {}   # id(group) -> the hyperparameters last validated
         super().__init__(params, defaults)
         self._mode = self.param_groups[0]["sam_mode"]
-        self._backend = resolve_backend((p for g in self.param_groups for p in g["params"]), backend=backend,
-                                        process_group=process_group, model=model)
+        if backend is not None:
+            resolve_backend((), backend=backend)  # type check now
+        # resolved now (errors early), and again at the first use after the params changed identity or
+        # kind (late binding: wrapped by FSDP after construction, swapped by accelerator.prepare)
+        self._binding = _Binding(backend, process_group, model)
+        self._bind()
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_fused_state", K.FusedState())
         self.__dict__.setdefault("_validated", {})
+        self.__dict__.setdefault("_binding", _Binding(None, None, None))
+
+    # ------------------------------------------------------------------ late binding
+    @property
+    def _backend(self) -> Backend:
+        """The back end bound by the last :meth:`_bind` (each public entry point binds first, so the
+        per-param check runs once per call, not at every use inside it)."""
+        b = self._binding.backend
+        return b if b is not None else self._binding.resolve(self)
+
+    def _bind(self) -> None:
+        self._binding.resolve(self)
+
+    def bind_backend(self, backend: Backend) -> None:
+        """Bind ``backend`` for good, as ``backend=`` at construction does (no re-resolution when the
+        params change later): the hook for engines that bind the optimizer after building it."""
+        self._binding.pin(resolve_backend((), backend=backend))
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -222,7 +314,8 @@ class AdamWMSAMScheduleFree(Optimizer):
 
     @property
     def backend(self) -> Backend:
-        return self._backend
+        """The back end for the params held now: resolved on first use, again after they changed."""
+        return self._binding.resolve(self)
 
     @property
     def sam_mode(self) -> str:
@@ -393,6 +486,7 @@ class AdamWMSAMScheduleFree(Optimizer):
     def eval(self) -> None:
         """Remove the ascent and move the params to the averaged x (``y → x``). In two_pass,
         an ascent taken by ``move_to_ascent()`` is abandoned: the next ``step()`` needs a new one."""
+        self._bind()  # late binding: before any state is created for these params
         changed = False
         for group in self.param_groups:
             if not group["train_mode"]:
@@ -413,6 +507,7 @@ class AdamWMSAMScheduleFree(Optimizer):
     @torch.no_grad()
     def train(self) -> None:
         """Move the params to y (``x → y``); in one_pass also re-apply the current ascent."""
+        self._bind()  # late binding: before any state is created for these params
         changed = False
         for group in self.param_groups:
             if group["train_mode"]:
@@ -434,6 +529,7 @@ class AdamWMSAMScheduleFree(Optimizer):
         """Two-pass mode: fold the current gradient into m, clear the gradients and move
         the params to ``ỹ = y + ρ·m/||m||``. One-pass mode: the params already sit at
         the ascent point; this only checks that a gradient was taken there."""
+        self._bind()  # late binding: before any state is created for these params
         self._require_train("move_to_ascent()")
         self._check_groups("move_to_ascent()")
         if not self._has_grads():
@@ -470,6 +566,7 @@ class AdamWMSAMScheduleFree(Optimizer):
     @torch.no_grad()
     def move_from_ascent(self) -> None:
         """Remove the ascent: the params return to y (exactly ``p − s·m`` with the same s, m)."""
+        self._bind()  # late binding: before any state is created for these params
         self._require_train("move_from_ascent()")
         if self.sam_mode == "two_pass" and not any(g["at_ascent"] for g in self.param_groups):
             raise RuntimeError("move_from_ascent() without move_to_ascent(): in two_pass mode call "
@@ -554,6 +651,7 @@ class AdamWMSAMScheduleFree(Optimizer):
         place. ``ascent=True`` (two_pass, in place of ``move_to_ascent()``): no ascent (s = 0), the
         gradients are dropped, and the coming ``step()`` is skipped and counted. No collective: the
         engine's decision must be the same on every rank. ``reason`` goes into the warning."""
+        self._bind()  # late binding: before any state is created for these params
         self._require_train("skip_step()")
         if ascent and self.sam_mode != "two_pass":
             raise ValueError("skip_step(ascent=True) replaces a two_pass move_to_ascent(); this optimizer is one_pass")
@@ -600,24 +698,71 @@ class AdamWMSAMScheduleFree(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        """One optimizer step (see the class table for what it does in each mode)."""
+        """One optimizer step (see the class table for what it does in each mode).
+
+        ``closure`` (re-evaluates the loss and runs its backward, returns the loss): one_pass
+        calls it once, at the ascent point. two_pass runs the whole SAM loop with it:
+        ``zero_grad()``, closure at y, ``move_to_ascent()``, closure at the ascent point,
+        ``move_from_ascent()``, update — the usual SAM closure convention (Lightning's automatic
+        optimization). The first loss is returned. After a ``move_to_ascent()`` of the caller's own
+        loop, two_pass calls the closure once, as torch's optimizers do (Lightning's manual
+        optimization passes one that does nothing). A closure that leaves no gradient at all (e.g.
+        Lightning's ``training_step`` returning None) makes no step."""
+        self._bind()  # late binding: before any state is created for these params
         self._check_groups("step()")
         init_call = self._is_state_init_call()  # allowed in eval mode: DCP loads into a fresh optimizer
         if not init_call:
             self._require_train("step()")
             refuse_unbound_zero(self)  # stepped inside a DeepSpeed engine without attach(): wrong ||m||
         loss = None
+        if (closure is not None and not init_call and self.sam_mode == "two_pass"
+                and not any(g["ascent_taken"] for g in self.param_groups)):
+            return self._closure_sam_loop(closure)
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            if not init_call and not self._has_grads():
+                return loss
         if init_call:
             for group in self.param_groups:
                 self._active(group, self._uses_ascent(group))
             return loss
+        if closure is None:
+            self._check_some_gradient()
         if self.sam_mode == "one_pass":
             self._step_one_pass()
         else:
             self._step_two_pass()
+        self._backend.params_changed()
+        return loss
+
+    def _check_some_gradient(self) -> None:
+        """A step with no gradient on any param would still count a step and move the ascent: that is
+        the trace of params the model no longer uses (e.g. FSDP1 ``use_orig_params=False`` wrapped after
+        the optimizer was built), so it is refused. (DeepSpeed's driver hands gradients itself.)"""
+        if self._has_grads() or type(self._backend).__name__ == "DeepSpeedBackend":
+            return
+        if not any(g["params"] for g in self.param_groups):
+            return
+        raise RuntimeError(
+            "step() found no gradient on any parameter: call loss.backward() before step(). If it was called, the "
+            "optimizer holds parameters the model no longer uses: FSDP with use_orig_params=False (or another "
+            "wrapper) replaced them after the optimizer was built; build the optimizer from the wrapped model's "
+            "parameters, or use use_orig_params=True")
+
+    def _closure_sam_loop(self, closure: Callable[[], Any]) -> Any:
+        """two_pass ``step(closure)``: the SAM loop of :meth:`step`'s docstring."""
+        self.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = closure()
+        if not self._has_grads():
+            return loss
+        if any(self._uses_ascent(g) for g in self.param_groups):
+            self.move_to_ascent()
+            with torch.enable_grad():
+                closure()
+            self.move_from_ascent()
+        self._step_two_pass()
         self._backend.params_changed()
         return loss
 

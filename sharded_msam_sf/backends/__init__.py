@@ -23,7 +23,9 @@ order   when                                        back end
 instead of detecting engines themselves. ``process_group=`` overrides the group over which
 the local sums of squares add up; ``model=`` (the wrapped model) lets the FSDP back ends find
 their modules without searching. Adding an engine: one file with a :class:`Backend` subclass
-and one row here.
+and one row here. The optimizer applies the rule again whenever the params it holds change
+identity or kind (late binding, ``AdamWMSAMScheduleFree._binding``); a given ``backend=`` is never
+re-resolved.
 """
 from __future__ import annotations
 
