@@ -16,7 +16,6 @@ the collection joins every gloo thread before the interpreter finalizes).
 from __future__ import annotations
 
 import os
-import sys
 import time
 import traceback
 from typing import Any, Callable, Dict
@@ -47,10 +46,9 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
     except BaseException:  # report every rank's failure, not only the first
         queue.put((rank, False, traceback.format_exc()))
     del fn, args
-    from .teardown import close_process_group
+    from .teardown import close_process_group, exit_process
     close_process_group()  # outside the except clause: see the module docstring
-    if not ok:
-        sys.exit(1)
+    exit_process(0 if ok else 1)
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180.0) -> Dict[int, Any]:

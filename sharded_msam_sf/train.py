@@ -144,4 +144,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .teardown import exit_process
+    exit_process(main())
