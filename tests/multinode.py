@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from tests.test_train_run import metrics, train_losses, val_losses  # noqa: F401 (shared with the 1-node job tests)
+
 ROOT = Path(__file__).resolve().parents[1]
 AUDIT = ROOT / "tests" / "file_audit"
 
@@ -138,18 +140,6 @@ def wait_listening(port: int, agent: Agent, timeout: float = 60) -> None:
                 return
         time.sleep(0.1)
     raise AssertionError(f"no rendezvous on port {port} after {timeout}s")
-
-
-def metrics(out_dir: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-
-
-def train_losses(out_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["train_loss"] for r in metrics(out_dir) if "train_loss" in r}
-
-
-def val_losses(out_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["val_loss"] for r in metrics(out_dir) if "val_loss" in r}
 
 
 def exported(out_dir: Path) -> dict:

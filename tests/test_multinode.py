@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.test_train_run import deepspeed_op_built  # noqa: F401 (the fixture builds DeepSpeed's op once)
 from tests.multinode import (ROOT, Agent, assert_same_weights, base_env, free_port, job_args, kill_tagged,
                              latest_step, train_losses, val_losses, wait_for_step, wait_listening, writers)
 
@@ -39,15 +40,6 @@ CONFIGS = {"ddp": "configs/job/ddp-cpu.json", "fsdp2": "configs/job/fsdp2-cpu.js
 MULTI = dict(NPROC="1", LOCAL_ADDR="127.0.0.1", RDZV_CONF="last_call_timeout=1,keep_alive_interval=1")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def deepspeed_op_built():
-    """DeepSpeed JIT-builds its shm comm op on first use; two ranks building at once can abort."""
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        return
-    subprocess.run([sys.executable, "-c", "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; "
-                    "B().load()"], env=base_env(), check=True, capture_output=True, timeout=600)
 
 
 class Cluster:
@@ -365,7 +357,7 @@ def test_deepspeed_refuses_another_world_size(tmp_path, cluster):
     saved = lose_node(cluster, out, a0, a1)
     assert a0.wait(300) != 0
     log = a0.text()
-    msg = (f"was written by 2 ranks and this run has 1: resuming a DeepSpeed checkpoint on another world size "
+    msg = ("was written by 2 ranks and this run has 1: resuming a DeepSpeed checkpoint on another world size "
            "is not supported yet. Relaunch with the original world size (2 ranks), or train with engine.name "
            "fsdp2 or ddp")
     assert msg in log, log[-6000:]
