@@ -32,7 +32,7 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--dist-backend", default=None, help="gloo, nccl, mpi, ccl (default: DeepSpeed's choice)")
     parser.add_argument("--save-dir", default=None, help="engine.save_checkpoint here at the end")
-    parser.add_argument("--export", default=None, help="write the eval-mode (x) weights as an fp32 state dict here")
+    parser.add_argument("--export", default=None, help="write the eval-mode (x) weights here (a directory: model.safetensors + export.json)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
     torch.manual_seed(0)

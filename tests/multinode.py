@@ -183,6 +183,8 @@ def writers(audit_dir: Path, under: Path) -> dict[str, set[str]]:
             if under not in p.parents:
                 continue
             rel = re.sub(r"(^|/)\.([^/]+)\.tmp\d+$", r"\1\2", str(p.relative_to(under)).replace(".tmp-step_", "step_"))
+            # weights_io writes the export under .tmp-<name>-<8 hex> and renames it into place
+            rel = re.sub(r"(^|/)\.tmp-([^/]+)-[0-9a-f]{8}(/|$)", r"\1\2\3", rel)
             # TensorBoard names its event file by time, host and pid: fold those
             rel = re.sub(r"(^|/)events\.out\.tfevents\.[^/]+$", r"\1events.out.tfevents.*", rel)
             found.setdefault(rel, set()).add(rank)

@@ -65,7 +65,7 @@ def test_deepspeed_smoke_example_under_mpirun(tmp_path):
     """SCRIPT=examples/deepspeed_smoke.py launch/mpirun.sh: mpi4py rank discovery, ZeRO-3, the x export."""
     pytest.importorskip("mpi4py")
     env = dict(_mpi_env(), SCRIPT=str(ROOT / "examples" / "deepspeed_smoke.py"))
-    export = tmp_path / "x.pt"
+    export = tmp_path / "x"
     proc = subprocess.run(["bash", str(ROOT / "launch" / "mpirun.sh"), "--config",
                            str(ROOT / "configs" / "deepspeed" / "zero3-cpu.json"), "--dist-backend", "gloo",
                            "--steps", "3", "--width", "8", "--export", str(export)],
@@ -73,7 +73,9 @@ def test_deepspeed_smoke_example_under_mpirun(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "done: world=2 DeepSpeedMSAMOptimizer(zero3" in out, out[-4000:]
-    sd = torch.load(export, weights_only=True)
+    from sharded_msam_sf.weights_io import load_weights
+    sd, meta = load_weights(export)  # the export directory: model.safetensors + export.json
+    assert meta.get("weights") == "x", meta
     assert sorted(sd) == ["0.bias", "0.weight", "2.bias", "2.weight"]
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in sd.values())
 

@@ -1,8 +1,8 @@
 """Which process writes which file (tests/test_multinode.py puts this directory on PYTHONPATH).
 
 Active only in torchrun's worker processes (RANK set) when FILE_AUDIT_DIR is set: every open for
-writing, by Python (`open`, `os.open`: the "open" audit event) or by `torch.save` to a path (which
-opens the file in C++), appends "RANK<TAB>PATH" to FILE_AUDIT_DIR/<pid>.tsv. The test then asserts
+writing, by Python (`open`, `os.open`: the "open" audit event), by `torch.save` to a path (which
+opens the file in C++) or by `safetensors.torch.save_file` (Rust), appends "RANK<TAB>PATH" to FILE_AUDIT_DIR/<pid>.tsv. The test then asserts
 that each file under the job's out_dir had exactly one writer rank.
 """
 import os
@@ -45,3 +45,16 @@ if _dir and "RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
         return _save(obj, f, *args, **kwargs)
 
     torch.save = _audited_save
+
+    try:  # safetensors writes its files in Rust, past the "open" audit event
+        import safetensors.torch as _st
+    except ImportError:
+        _st = None
+    if _st is not None:
+        _st_save = _st.save_file
+
+        def _audited_save_file(tensors, filename, *args, **kwargs):
+            _log(filename)
+            return _st_save(tensors, filename, *args, **kwargs)
+
+        _st.save_file = _audited_save_file
