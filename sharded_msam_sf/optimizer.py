@@ -604,18 +604,46 @@ class AdamWMSAMScheduleFree(Optimizer):
             with_m = fold and self._uses_ascent(group)
             active, inactive = self._active(group, with_m)
             parts.append((active, inactive))
-            grads = self._loc(p.grad for p in active)
-            impl, st = self._impl(group), self._fused_state
-            row = K.ascent_stats(self._ms(active) if with_m else [], grads, beta_m=self._beta_m(group), impl=impl,
-                                 state=st)
-            if inactive:
-                row = row + K.ascent_stats(self._ms(inactive), [], beta_m=None, impl=impl, state=st)
-            rows.append(row)
+            rows.append(self._group_stats(group, active, inactive, with_m))
         if not rows:
             return torch.zeros(1, dtype=torch.float64), parts
         stacked = torch.stack(rows)
         stats = torch.cat([stacked[:, 0], encode_flags(stacked[:, 1:].amax(0)).reshape(1)])
         return stats, parts
+
+    def _group_stats(self, group: Dict[str, Any], active: List[Tensor], inactive: List[Tensor],
+                     with_m: bool) -> Tensor:
+        """One group's local ``[sumsq, nonfinite, v_overflow]``. Under a ``weighted`` reduction (params
+        of different replica counts, e.g. tensor parallelism) each piece's sum of squares is divided
+        by its replica count here, before the one all-reduce (:mod:`sharded_msam_sf.backends.base`)."""
+        impl, st, beta_m = self._impl(group), self._fused_state, self._beta_m(group)
+        if not self._backend.reduction.weighted:
+            row = K.ascent_stats(self._ms(active) if with_m else [], self._loc(p.grad for p in active),
+                                 beta_m=beta_m, impl=impl, state=st)
+            if inactive:
+                row = row + K.ascent_stats(self._ms(inactive), [], beta_m=None, impl=impl, state=st)
+            return row
+        pieces: Dict[int, Tuple[List[Tensor], List[Tensor], List[Tensor]]] = {}  # replicas -> (m, g, m w/o g)
+        for p, has_grad in [(p, True) for p in active] + [(p, False) for p in inactive]:
+            m = self._backend.local(self.state[p]["exp_avg"]).view(-1) if (with_m or not has_grad) else None
+            g = self._backend.local(p.grad).view(-1) if has_grad else None
+            for rng, replicas in self._backend.replica_pieces(p):
+                ms, gs, idle = pieces.setdefault(replicas, ([], [], []))
+                cut = (lambda t: t) if rng is None else (lambda t, a=rng[0], b=rng[1]: t[a:b])
+                if has_grad:
+                    gs.append(cut(g))
+                    if m is not None:
+                        ms.append(cut(m))
+                else:
+                    idle.append(cut(m))
+        row = torch.zeros(3, dtype=torch.float64)
+        for replicas, (ms, gs, idle) in pieces.items():
+            part = K.ascent_stats(ms, gs, beta_m=beta_m, impl=impl, state=st)
+            if idle:
+                part = part + K.ascent_stats(idle, [], beta_m=None, impl=impl, state=st)
+            row = row.to(part.device)
+            row = row + torch.cat([part[:1] / replicas, part[1:]])
+        return row
 
     def _read(self, stats: Tensor) -> Tuple[float, bool, bool]:
         """(the global ||m|| over the groups with rho > 0, nonfinite, v_overflow) from the

@@ -57,9 +57,15 @@ def _shares(rank, world):
     stats = torch.tensor([1.0 + rank, 0.0, float(rank == 1)], dtype=torch.float64)
     Reduction.of([Share(world_group, 1)]).apply_(stats)
     out["sharded"] = stats.tolist()
-    # a mix (a tensor-parallel layout would give one) is refused, not double counted
+    # a mix of replica counts over one rank set (tensor parallelism) is weighted: the optimizer divides
+    # each local sum by its count before the all-reduce, and nothing is divided after it
+    mixed = Reduction.of([Share(world_group, 1), Share(world_group, 2)])
+    stats = torch.tensor([1.0 + rank, 0.0], dtype=torch.float64)
+    mixed.apply_(stats)
+    out["weighted"] = (mixed.weighted, mixed.replicas, stats.tolist())
+    # different rank sets are refused, not double counted
     try:
-        Reduction.of([Share(world_group, 1), Share(world_group, 2)])
+        Reduction.of([Share(world_group, 1), Share(dist.new_group([0]), 1)])
         out["mixed"] = None
     except ValueError as e:
         out["mixed"] = str(e)
@@ -84,7 +90,13 @@ def test_sharded_shares_add_up_and_carry_the_flag(two_ranks):
         assert r["sharded"] == [3.0, 0.0, 1.0], (rank, r)
 
 
-def test_mixed_shares_are_refused(two_ranks):
+def test_mixed_replicas_over_one_rank_set_are_weighted(two_ranks):
     for rank, r in two_ranks.items():
-        assert r["mixed"] is not None and "replica counts" in r["mixed"] and "process_group=" in r["mixed"], (rank, r)
+        assert r["weighted"] == (True, 1, [3.0, 0.0]), (rank, r)
+
+
+def test_different_rank_sets_are_refused(two_ranks):
+    for rank, r in two_ranks.items():
+        assert r["mixed"] is not None and "different rank sets" in r["mixed"] and "process_group=" in r["mixed"], \
+            (rank, r)
         assert r["repr"] == "Backend(group_ranks=[0, 1], replicas=1)"

@@ -24,14 +24,23 @@ Examples: one process — no group (nothing to reduce); FSDP2 on a 1-D mesh and 
 shard group, 1; HSDP ``(Replicate, Shard)`` — the shard dimension's group, 1 (the replica
 groups are left out of the sum, so each element is counted once without a division; the
 whole mesh with 2 replicas would be equally right); DDP — the DDP group, its size. Under
-tensor parallelism a Rowwise bias on a dp × tp mesh would be (all ranks, tp) and a Colwise
-weight (all ranks, 1). :class:`Reduction` turns the shares of all parameters into the one
-all-reduce (SUM over the group, then each sum of squares divided by the replica count; the
-flag only needs to be > 0 somewhere). Today every parameter of one optimizer must share the
-same group and replica count; tensor parallelism (a Colwise weight sharded over dp × tp, a
-LayerNorm replicated over tp) needs per-parameter weights ``1/replicas`` inside the sums
-and one all-reduce over the union group: :meth:`Reduction.of` raises for such mixes and
-says so, rather than count a replica twice.
+tensor parallelism on a dp × tp mesh a Colwise weight is (all ranks, 1) and a Rowwise bias
+or a LayerNorm that is not tensor-parallel (all ranks, tp).
+
+:class:`Reduction` turns the shares of all parameters into the one all-reduce. All
+parameters must add up over the same rank set (else it raises and names ``process_group=``).
+When they also agree on ``replicas`` the stats are summed over the group and the sums of
+squares divided by that count afterwards (``uniform``). When the counts differ (tensor
+parallelism: sharded and replicated parameters in one optimizer) the reduction is
+``weighted``: the optimizer divides each parameter's local sum of squares by its own replica
+count *before* the one all-reduce,
+
+    stats_g = Σ_p sumsq_r(local m_p) / replicas(p),   then SUM over the group,
+
+so the cost stays one all-reduce of ``G + 1`` scalars. A back end whose local tensors mix
+elements of different replica counts (a DeepSpeed flat partition holding tensor-parallel and
+replicated params) overrides :meth:`Backend.replica_pieces` to give the element ranges of each
+count. The non-finite flag is summed alike (it only needs to be > 0 somewhere).
 
 A new engine is one new file: a subclass that sets ``reduction`` from its params' shares
 and overrides ``local``/``params_changed`` where its tensors need it.
@@ -39,7 +48,7 @@ and overrides ``local``/``params_changed`` where its tensors need it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -77,15 +86,18 @@ def group_ranks(group) -> list:
 
 @dataclass(frozen=True)
 class Reduction:
-    """The one all-reduce of the stats: SUM over ``group``, then the sums of squares ÷ ``replicas``."""
+    """The one all-reduce of the stats: SUM over ``group``; then, if not ``weighted``, the sums of
+    squares ÷ ``replicas`` (``weighted``: the optimizer already divided each parameter's local
+    sum of squares by its own replica count, :meth:`Backend.replica_pieces`)."""
 
     group: Any = LOCAL
     replicas: int = 1
     device: Optional[torch.device] = None  # where the collective runs (NCCL cannot reduce CPU tensors)
+    weighted: bool = False
 
     @classmethod
     def of(cls, shares: Iterable[Share], device: Optional[torch.device] = None) -> "Reduction":
-        """The reduction for these parameters' shares (all alike; see the module docstring)."""
+        """The reduction for these parameters' shares (one rank set; see the module docstring)."""
         by_object = {}  # the groups' ranks are read once per distinct group object
         for s in shares:
             by_object.setdefault((id(s.group), s.replicas), [s, 0])[1] += 1
@@ -95,16 +107,22 @@ class Reduction:
             kinds.setdefault(key, [s, 0])[1] += n
         if not kinds:
             return cls(LOCAL, 1, device)
-        if len(kinds) > 1:
+        rank_sets = {k[0] for k in kinds}
+        if len(rank_sets) > 1:
             desc = ", ".join(f"{n} params summed over ranks {list(k[0]) if k[0] is not LOCAL else 'this process'}"
                              f" with {k[1]} replica(s)" for k, (_, n) in kinds.items())
             raise ValueError(
-                "AdamWMSAMScheduleFree: the parameters' sums of squares add up over different rank sets or "
-                f"replica counts ({desc}); one optimizer per such set of parameters, or pass "
+                "AdamWMSAMScheduleFree: the parameters' sums of squares add up over different rank sets "
+                f"({desc}); one optimizer per such set of parameters, or pass "
                 "process_group= (the group over which the local sums of squares add up to the global one, "
                 "counting each element once)")
-        (share, _), = kinds.values()
-        return cls(share.group, share.replicas, device)
+        if len(kinds) == 1:
+            (share, _), = kinds.values()
+            return cls(share.group, share.replicas, device)
+        share = next(iter(kinds.values()))[0]
+        if share.group is LOCAL:
+            raise ValueError("AdamWMSAMScheduleFree: parameters held by this process alone cannot have replicas")
+        return cls(share.group, 1, device, weighted=True)
 
     @property
     def communicates(self) -> bool:
@@ -138,6 +156,12 @@ class Backend:
         """How ``p``'s local sum of squares adds into the global one (here: it is the global one)."""
         return Share(LOCAL, 1)
 
+    def replica_pieces(self, p: Tensor) -> Sequence[Tuple[Optional[Tuple[int, int]], int]]:
+        """``p``'s local elements by replica count: ``(range, replicas)`` pairs, ``range`` a
+        ``(begin, end)`` of the flattened local tensor or None for all of it. Read only when
+        the reduction is ``weighted``; the default is the whole tensor with ``share(p).replicas``."""
+        return ((None, self.share(p).replicas),)
+
     @property
     def process_group(self):
         """The group of the optimizer's one all-reduce (None on one process)."""
@@ -154,4 +178,5 @@ class Backend:
         r = self.reduction
         if not r.communicates:
             return f"{type(self).__name__}()"
-        return f"{type(self).__name__}(group_ranks={group_ranks(r.group)}, replicas={r.replicas})"
+        count = "replicas=per parameter" if r.weighted else f"replicas={r.replicas}"
+        return f"{type(self).__name__}(group_ranks={group_ranks(r.group)}, {count})"
