@@ -106,25 +106,59 @@ def test_fused_bf16_params(mode):
     assert (diff <= 2 ** -7 * foreach.float().abs().clamp_min(1e-3)).all(), diff.max()
 
 
-def test_auto_default_fuses_large_tensors_only():
-    """fused=None, foreach=None: tensors of >= AUTO_MIN_NUMEL elements go through the
-    compiled kernels, small ones through foreach; same trajectory as foreach."""
+def _auto_pair(state_dtype=None):
     torch.manual_seed(0)
     big = nn.Parameter(torch.randn(K.AUTO_MIN_NUMEL) * 0.1)
     small = nn.Parameter(torch.randn(7))
     big2, small2 = nn.Parameter(big.detach().clone()), nn.Parameter(small.detach().clone())
-    auto = AdamWMSAMScheduleFree([big, small], **HP)
-    ref = AdamWMSAMScheduleFree([big2, small2], foreach=True, **HP)
-    auto.train(), ref.train()
+    auto = AdamWMSAMScheduleFree([big, small], state_dtype=state_dtype, **HP)
+    ref = AdamWMSAMScheduleFree([big2, small2], foreach=True, state_dtype=state_dtype, **HP)
+    return (big, small, auto), (big2, small2, ref)
+
+
+def _run_pair(pair, steps=8):
     target = torch.randn(K.AUTO_MIN_NUMEL)
-    before = calls()
-    for _ in range(8):
-        for b, s in ((big, small), (big2, small2)):
+    for *_, opt in pair:
+        opt.train()
+    for _ in range(steps):
+        for b, s, _ in pair:
             ((b - target) ** 2).sum().backward()
             (s ** 4).sum().backward()
-        auto.step(), ref.step()
-        auto.zero_grad(), ref.zero_grad()
+        for *_, opt in pair:
+            opt.step()
+            opt.zero_grad()
+
+
+def test_auto_default_on_cpu_takes_the_multi_tensor_kernel(monkeypatch):
+    """fused=None, foreach=None, fp32 on the CPU: the group's tensors (together >= AUTO_MIN_NUMEL
+    elements) go through one multi-tensor C++ call per pass, no compiled call; same trajectory as
+    foreach."""
+    if K.multi_tensor.load() is None:
+        pytest.skip(f"no C++ toolchain for the multi-tensor kernel ({K.multi_tensor.build_error()})")
+    seen = []
+    for name in ("stats", "update_"):
+        real = getattr(K.multi_tensor, name)
+        monkeypatch.setattr(K.multi_tensor, name, lambda *a, _r=real, _n=name: (seen.append((_n, len(a[1]))), _r(*a))[1])
+    pair = _auto_pair()
+    before = calls()
+    _run_pair(pair)
+    assert calls() == before
+    assert seen == [("stats", 2), ("update_", 2)] * 8   # both tensors, one call per pass
+    (big, small, _), (big2, small2, _) = pair
+    assert (big - big2).abs().max().item() <= 2e-6
+    assert (small - small2).abs().max().item() <= 2e-6
+
+
+def test_auto_default_compiles_large_tensors_only_without_multi_tensor(monkeypatch):
+    """With the multi-tensor kernel off (SHARDED_MSAM_SF_MULTI_TENSOR=0; CUDA and bf16 state are the
+    same case) tensors of >= AUTO_MIN_NUMEL elements go through the compiled kernels, small ones
+    through foreach; same trajectory as foreach."""
+    monkeypatch.setattr(K, "MULTI_TENSOR", False)
+    pair = _auto_pair()
+    before = calls()
+    _run_pair(pair)
     assert calls() - before == 8 * 2  # one stats and one update call per step, for the big tensor only
+    (big, small, _), (big2, small2, _) = pair
     assert (big - big2).abs().max().item() <= 2e-6
     assert (small - small2).abs().max().item() <= 2e-6
 
@@ -163,6 +197,7 @@ def _train3(opt_kwargs, x=None, y=None):
 
 def test_compile_failure_falls_back_once(monkeypatch):
     """auto: a failing compiler gives one warning and the foreach trajectory; fused=True raises."""
+    monkeypatch.setattr(K, "MULTI_TENSOR", False)   # the compiled path's policy
     monkeypatch.setattr(C, "_kernel", _broken_kernel)
     monkeypatch.setattr(K, "AUTO_MIN_NUMEL", 1)
     with pytest.raises(RuntimeError, match="fused=True"):
@@ -179,6 +214,7 @@ def test_compile_failure_falls_back_once(monkeypatch):
 
 def test_compile_failure_disables_only_that_optimizer(monkeypatch):
     """The failure is recorded in the optimizer that hit it: another one still compiles."""
+    monkeypatch.setattr(K, "MULTI_TENSOR", False)   # the compiled path's policy
     monkeypatch.setattr(K, "AUTO_MIN_NUMEL", 1)
     with monkeypatch.context() as m:
         m.setattr(C, "_kernel", _broken_kernel)
@@ -211,6 +247,7 @@ def test_update_kernel_error_while_running_is_not_rerun(monkeypatch):
         return fn
     monkeypatch.setattr(C, "_kernel", writes_then_fails)
     monkeypatch.setattr(K, "AUTO_MIN_NUMEL", 1)
+    monkeypatch.setattr(K, "MULTI_TENSOR", False)   # the compiled path's policy
     model = tiny_mlp(sizes=SIZES)
     opt = AdamWMSAMScheduleFree(decay_groups(model), **HP)
     opt.train()

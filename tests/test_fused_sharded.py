@@ -49,19 +49,28 @@ def _ds_ranks(rank, world, out_path):
     from sharded_msam_sf import kernels as K
     from tests import ds_scenarios as S
     refs = {m: S.reference_run(4, m, switch_at=2) for m in ("one_pass", "two_pass")}  # foreach control
-    K.AUTO_MIN_NUMEL = 1   # the default (fused=None) now compiles every partition of the tiny model
+    multi_calls = []
+    real_stats = K.multi_tensor.stats
+    K.multi_tensor.stats = lambda *a: (multi_calls.append(1), real_stats(*a))[1]
+    K.AUTO_MIN_NUMEL = 1   # the default (fused=None) now takes a fused path for every partition of the tiny model
     results = {}
-    for stage, mode in ((2, "one_pass"), (2, "two_pass"), (3, "one_pass")):
-        if True:
-            before = K.compile_counters()["calls"]
-            engine, opt = S.make_engine(S.ds_config(stage, "fp32", mode))
-            opt.train()
-            assert all(S.ds_train(engine, opt, 4, mode, switch_at=2))
-            opt.eval()
-            assert K.compile_counters()["calls"] > before, "the fused kernels were not used"
-            results[f"zero{stage}/{mode}"] = max(S.max_diff(opt.eval_state_dict(), refs[mode]),
-                                                 S.max_diff(S.module_weights(engine), refs[mode]))
-            engine.destroy()
+    # compiled: the Inductor kernels (CUDA's path, and the CPU's without the C++ kernel);
+    # multi: the multi-tensor C++ kernel (the CPU default for fp32)
+    for stage, mode, kernel in ((2, "one_pass", "compiled"), (2, "two_pass", "compiled"), (3, "one_pass", "compiled"),
+                                (2, "one_pass", "multi"), (3, "two_pass", "multi")):
+        K.MULTI_TENSOR = kernel == "multi"
+        before, multi_before = K.compile_counters()["calls"], len(multi_calls)
+        engine, opt = S.make_engine(S.ds_config(stage, "fp32", mode))
+        opt.train()
+        assert all(S.ds_train(engine, opt, 4, mode, switch_at=2))
+        opt.eval()
+        if kernel == "compiled":
+            assert K.compile_counters()["calls"] > before, "the compiled kernels were not used"
+        else:
+            assert len(multi_calls) > multi_before, "the multi-tensor kernel was not used"
+        results[f"zero{stage}/{mode}/{kernel}"] = max(S.max_diff(opt.eval_state_dict(), refs[mode]),
+                                                      S.max_diff(S.module_weights(engine), refs[mode]))
+        engine.destroy()
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)

@@ -9,11 +9,14 @@ The optimizer calls only the functions below (as torch.optim's ``adam()`` dispat
 - ``"fused"``: every contiguous CPU/CUDA tensor through the compiled kernels
   (:mod:`.compiled`; on CUDA with fp32 state the hand-written :mod:`.triton` ones); a
   ``RuntimeError`` says why if they cannot run;
-- ``"auto"`` (the optimizer's default): the compiled kernels for tensors of at least
-  :data:`AUTO_MIN_NUMEL` elements (and every tensor with bf16 state); the smaller fp32 CPU
-  tensors, when a group has at least :data:`MULTI_MIN_TENSORS` of them, through one
-  multi-tensor C++ call per pass (:mod:`.multi_tensor`); foreach for the rest; where compilation is unavailable or fails, one warning and foreach from then on,
-  for that optimizer (its :class:`FusedState`) and device type only.
+- ``"auto"`` (the optimizer's default): fp32 CPU tensors through one multi-tensor C++ call
+  per pass (:mod:`.multi_tensor`: all of a group's tensors in one OpenMP loop, at the byte
+  floor) when together they hold at least :data:`AUTO_MIN_NUMEL` elements or number at
+  least :data:`MULTI_MIN_TENSORS`; the compiled kernels for the other tensors of at least
+  :data:`AUTO_MIN_NUMEL` elements (CUDA, and every tensor with bf16 state); foreach for the
+  rest. Where compilation is unavailable or fails, one warning and foreach from then on,
+  for that optimizer (its :class:`FusedState`) and device type only. The stats and the
+  update take the multi-tensor kernel; fold and shift (two_pass) keep the compiled ones.
 
 Operations (``ALGORITHM.md``; ``s`` the ascent scale, ``γ`` the scheduled lr, ``c`` the
 averaging weight, ``bc2 = 1 − β2^t``):
@@ -58,6 +61,8 @@ IMPLS = ("auto", "fused", "foreach", "single")
 AUTO_MIN_NUMEL = int(os.environ.get("SHARDED_MSAM_SF_FUSED_MIN_NUMEL", 1 << 18))
 # auto: at least this many small fp32 CPU tensors of a group go through one multi-tensor call
 MULTI_MIN_TENSORS = int(os.environ.get("SHARDED_MSAM_SF_MULTI_MIN_TENSORS", 64))
+# auto: whether fp32 CPU tensors may take the multi-tensor C++ kernel at all (0: the compiled kernels)
+MULTI_TENSOR = os.environ.get("SHARDED_MSAM_SF_MULTI_TENSOR", "1") != "0"
 _DEFAULT_STATE = FusedState()   # for callers outside an optimizer (tests, benchmarks)
 
 
@@ -114,17 +119,21 @@ def _eligible(impl: str, state: FusedState, tensors: Sequence[Optional[Tensor]],
 
 
 def _multi(impl: str, state: FusedState, idx: Sequence[int], tensors_of) -> List[int]:
-    """The indices (of the tensors left to the eager path) that go through one multi-tensor call
-    (:mod:`.multi_tensor`): ``auto`` only, fp32 CPU tensors, at least :data:`MULTI_MIN_TENSORS`
-    of them, the extension built (a failed build: one warning, then foreach)."""
-    if impl != "auto" or len(idx) < MULTI_MIN_TENSORS:
+    """The indices that go through one multi-tensor call (:mod:`.multi_tensor`): ``auto`` only,
+    fp32 CPU tensors, together at least :data:`AUTO_MIN_NUMEL` elements or at least
+    :data:`MULTI_MIN_TENSORS` of them, the extension built (a failed build: one warning, then
+    the compiled kernels for the large tensors and foreach for the rest)."""
+    if impl != "auto" or not MULTI_TENSOR or not len(idx):
         return []
     sel = [i for i in idx if multi_tensor.eligible(*tensors_of(i))]
-    if len(sel) < MULTI_MIN_TENSORS or compiled.unavailable_reason(torch.device("cpu"), state) is not None:
+    if not sel or (len(sel) < MULTI_MIN_TENSORS and sum(tensors_of(i)[0].numel() for i in sel) < AUTO_MIN_NUMEL):
+        return []
+    if compiled.unavailable_reason(torch.device("cpu"), state) is not None:
         return []
     if multi_tensor.load() is None:
         state.warn_once("multi_tensor", "AdamWMSAMScheduleFree: the multi-tensor CPU kernel failed to build "
-                        f"({multi_tensor.build_error()}); small tensors use the foreach path")
+                        f"({multi_tensor.build_error()}); fp32 CPU tensors use the compiled kernels "
+                        "(large) and foreach (small)")
         return []
     return sel
 
@@ -142,7 +151,15 @@ def ascent_stats(ms: Sequence[Tensor], grads: Sequence[Tensor], *, beta_m: Optio
     device = grads[0].device if grads else (ms[0].device if ms else torch.device("cpu"))
     rest_m, rest_g = [], []
     parts: List[Tensor] = []
-    if impl in ("fused", "auto") and (beta_m is not None or not ms):
+    foldable = beta_m is not None or not ms
+    sel = _multi(impl, state, range(len(grads)), lambda i: (grads[i], ms[i] if ms else None)) if foldable else []
+    if sel:
+        chosen = set(sel)
+        out = multi_tensor.stats([ms[i] for i in sel] if ms else [], [grads[i] for i in sel], beta_m)
+        parts.append(torch.cat([out[:1], grad_flags(out[1].to(torch.float32))]))
+        grads = [t for i, t in enumerate(grads) if i not in chosen]
+        ms = [t for i, t in enumerate(ms) if i not in chosen] if ms else ms
+    if impl in ("fused", "auto") and foldable:
         sc = None
         for i, g in enumerate(grads):
             m = ms[i] if ms else None
@@ -164,14 +181,6 @@ def ascent_stats(ms: Sequence[Tensor], grads: Sequence[Tensor], *, beta_m: Optio
             rest_g.append(g)
     else:
         rest_m, rest_g = ms, grads
-    sel = _multi(impl, state, range(len(rest_g)), lambda i: (rest_g[i], rest_m[i] if rest_m else None)) \
-        if impl == "auto" and (beta_m is not None or not rest_m) else []
-    if sel:
-        chosen = set(sel)
-        out = multi_tensor.stats([rest_m[i] for i in sel] if rest_m else [], [rest_g[i] for i in sel], beta_m)
-        parts.append(torch.cat([out[:1], grad_flags(out[1].to(torch.float32))]))
-        rest_g = [t for i, t in enumerate(rest_g) if i not in chosen]
-        rest_m = [t for i, t in enumerate(rest_m) if i not in chosen] if rest_m else rest_m
     if rest_m or rest_g or not parts:
         parts.append(eager.ascent_stats(bf16_state.fp32_view(rest_m), rest_g, beta_m=beta_m,
                                         foreach=_foreach(impl)).to(device))
@@ -204,7 +213,17 @@ def sf_adamw_update_(
                  bias_correction2=bias_correction2, beta_m=beta_m, remove_scale=remove_scale, apply_scale=apply_scale)
     sc = None
     rest: List[int] = []
+    sel = _multi(impl, state, range(len(params)),
+                 lambda i: (params[i], grads[i], zs[i], vs[i], None if ms is None else ms[i])) \
+        if (ms is None or fold) else []
+    if sel:
+        sc_list = [v for _, v in sorted((int(getattr(Slot, k.upper())), v) for k, v in step_scalars(**hyper).items())]
+        multi_tensor.update_([params[i] for i in sel], [grads[i] for i in sel], [zs[i] for i in sel],
+                             [vs[i] for i in sel], None if ms is None else [ms[i] for i in sel], sc_list)
+    chosen = set(sel)
     for i, p in enumerate(params):
+        if i in chosen:
+            continue
         g, z, v = grads[i], zs[i], vs[i]
         m = ms[i] if ms is not None else None
         # (m given but not folded never happens in the optimizer: eager)
@@ -226,14 +245,6 @@ def sf_adamw_update_(
     fe = _foreach(impl)
     low = {i for i in rest if is_low(zs[i]) or is_low(vs[i]) or (ms is not None and is_low(ms[i]))}
     plain = [i for i in rest if i not in low]
-    sel = _multi(impl, state, plain, lambda i: (params[i], grads[i], zs[i], vs[i], None if ms is None else ms[i])) \
-        if (ms is None or fold) else []
-    if sel:
-        sc_list = [v for _, v in sorted((int(getattr(Slot, k.upper())), v) for k, v in step_scalars(**hyper).items())]
-        multi_tensor.update_([params[i] for i in sel], [grads[i] for i in sel], [zs[i] for i in sel],
-                             [vs[i] for i in sel], None if ms is None else [ms[i] for i in sel], sc_list)
-        chosen = set(sel)
-        plain = [i for i in plain if i not in chosen]
     if plain:
         eager.sf_adamw_update_([params[i] for i in plain], [grads[i] for i in plain], [zs[i] for i in plain],
                                [vs[i] for i in plain], None if ms is None else [ms[i] for i in plain],
