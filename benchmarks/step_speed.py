@@ -33,7 +33,9 @@ Rows (``--only`` picks a subset; default ``adamw_fused,ours_fused,ds_cpu_adam,sc
 =================  ==========================================================  ==========
 name               what                                                        bytes/param
 =================  ==========================================================  ==========
-ours_fused         AdamWMSAMScheduleFree, default (fused), one_pass step       44 (36 update + 8 stats)
+ours_fused         AdamWMSAMScheduleFree, default (auto), one_pass step: CPU    44 (36 update + 8 stats)
+                   fp32 takes the multi-tensor C++ kernel, CUDA the Triton one
+ours_compiled      same, the multi-tensor kernel off (the compiled kernels)    44
 ours_inductor      same, with SHARDED_MSAM_SF_TRITON=0 (CUDA: Inductor kernels) 44
 ours_foreach       same, foreach=True                                           44
 ours_single        same, foreach=False (single-tensor)                          44
@@ -64,7 +66,7 @@ import warnings
 
 import torch
 
-BYTES = {"ours_inductor": 44, "ours_fused": 44, "ours_foreach": 44, "ours_single": 44, "ours_bf16": 30,
+BYTES = {"ours_inductor": 44, "ours_fused": 44, "ours_compiled": 44, "ours_foreach": 44, "ours_single": 44, "ours_bf16": 30,
          "adamw_fused": 28, "adamw_foreach": 28, "ds_cpu_adam": 28, "schedulefree": 28, "heavyball_msam": 36,
          "ours_two_pass": 76}
 ALL = list(BYTES)
@@ -129,7 +131,7 @@ def shapes(layout: str, total: int, small_count: int = 2000, small_numel: int = 
 
 def make(name: str, params):
     from sharded_msam_sf import AdamWMSAMScheduleFree
-    if name in ("ours_fused", "ours_inductor"):
+    if name in ("ours_fused", "ours_inductor", "ours_compiled"):
         return AdamWMSAMScheduleFree(params, weight_decay=0.01)
     if name == "ours_foreach":
         return AdamWMSAMScheduleFree(params, weight_decay=0.01, foreach=True)
@@ -168,6 +170,14 @@ def one_step(name: str, opt, params, grads):
             opt.step()
         finally:
             os.environ.pop("SHARDED_MSAM_SF_TRITON", None)
+        return
+    if name == "ours_compiled":
+        from sharded_msam_sf import kernels as K
+        K.MULTI_TENSOR = False
+        try:
+            opt.step()
+        finally:
+            K.MULTI_TENSOR = True
         return
     if name == "ours_two_pass":
         opt.move_to_ascent()          # folds the grad into m and clears the grads
