@@ -27,6 +27,7 @@ from typing import Any, Dict, Literal, Mapping, Optional, Tuple
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, SkipValidation, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from . import hyperparams as H
 
@@ -105,8 +106,9 @@ class OptimizerParams(BaseModel):
     fused: SkipValidation[Optional[bool]] = Field(H.DEFAULTS["fused"], description=_d("fused"))
     state_dtype: SkipValidation[Optional[Literal[tuple(_STATE_DTYPES)]]] = Field(None,
                                                                                  description=_d("state_dtype"))
-    no_decay_bias_and_norm: SkipValidation[bool] = Field(False,
-                                                         description=GROUPING_PARAMS["no_decay_bias_and_norm"])
+    # validated here, left out of the JSON Schema: the main job's config (whose schema embeds this one) refuses it
+    no_decay_bias_and_norm: SkipJsonSchema[SkipValidation[bool]] = Field(
+        False, description=GROUPING_PARAMS["no_decay_bias_and_norm"])
 
     @field_validator("*", mode="before")
     @classmethod
