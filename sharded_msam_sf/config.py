@@ -8,15 +8,17 @@ defaults as :class:`~sharded_msam_sf.AdamWMSAMScheduleFree`)::
       "params": {"lr": 0.0025, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1,
                  "warmup_steps": 0, "r": 0.0, "weight_lr_power": 2.0, "rho": 1.0,
                  "ascent_beta": null, "sam_mode": "one_pass", "foreach": null,
-                 "fused": null, "state_dtype": null}
+                 "fused": null, "state_dtype": null, "no_decay_bias_and_norm": false}
     }
 
 :class:`OptimizerSection` is the schema (``OptimizerSection.model_json_schema()``);
 every value goes through :func:`sharded_msam_sf.hyperparams.check` and the keys together
 through :func:`~sharded_msam_sf.hyperparams.validate`, the validator the optimizer and
 the reference use. :func:`optimizer_kwargs_from_config` checks a section and returns
-the keyword arguments of the optimizer; every error is a :class:`ConfigError` (a
-``ValueError``) whose message starts with the key, e.g.
+the keyword arguments of the optimizer; ``no_decay_bias_and_norm`` (:data:`GROUPING_PARAMS`)
+is not a hyperparameter but how the DeepSpeed routes group the parameters
+(:func:`grouping_from_config`). Every error is a :class:`ConfigError` (a ``ValueError``)
+whose message starts with the key, e.g.
 ``optimizer.params.rhoo: unknown key (valid: lr, betas, ...)``.
 """
 from __future__ import annotations
@@ -25,11 +27,12 @@ from typing import Any, Dict, Literal, Mapping, Optional, Tuple
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, SkipValidation, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from . import hyperparams as H
 
-__all__ = ["ConfigError", "OPTIMIZER_TYPE", "OPTIMIZER_PARAMS", "OptimizerParams", "OptimizerSection",
-           "is_our_optimizer", "optimizer_kwargs_from_config"]
+__all__ = ["ConfigError", "OPTIMIZER_TYPE", "OPTIMIZER_PARAMS", "GROUPING_PARAMS", "OptimizerParams",
+           "OptimizerSection", "is_our_optimizer", "optimizer_kwargs_from_config", "grouping_from_config"]
 
 OPTIMIZER_TYPE = "AdamWMSAMScheduleFree"
 # accepted spellings of the type (compared case-insensitively, '_' and '-' ignored)
@@ -52,6 +55,14 @@ OPTIMIZER_PARAMS: Dict[str, str] = {
     "state_dtype": "null (fp32), \"float32\" or \"bfloat16\" (stochastically rounded state)",
 }
 assert tuple(OPTIMIZER_PARAMS) == tuple(H.DEFAULTS), "config.OPTIMIZER_PARAMS must list hyperparams.DEFAULTS"
+# keys of the section that are not hyperparameters: how the DeepSpeed routes split the model's parameters into
+# groups (read by sharded_msam_sf.deepspeed; every other user of the section refuses them when set)
+GROUPING_PARAMS: Dict[str, str] = {
+    "no_decay_bias_and_norm": "true or false; default false. true: two param groups as the HF Trainer makes them "
+                              "(sharded_msam_sf.decay_groups): weight_decay on every parameter but biases and "
+                              "normalisation weights, which get 0. Only the DeepSpeed routes (initialize, "
+                              "register()) read it",
+}
 _STATE_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
@@ -95,11 +106,18 @@ class OptimizerParams(BaseModel):
     fused: SkipValidation[Optional[bool]] = Field(H.DEFAULTS["fused"], description=_d("fused"))
     state_dtype: SkipValidation[Optional[Literal[tuple(_STATE_DTYPES)]]] = Field(None,
                                                                                  description=_d("state_dtype"))
+    # validated here, left out of the JSON Schema: the main job's config (whose schema embeds this one) refuses it
+    no_decay_bias_and_norm: SkipJsonSchema[SkipValidation[bool]] = Field(
+        False, description=GROUPING_PARAMS["no_decay_bias_and_norm"])
 
     @field_validator("*", mode="before")
     @classmethod
     def _check(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
         """Every value through hyperparams.check: what the optimizer refuses, the config refuses."""
+        if info.field_name in GROUPING_PARAMS:
+            if not isinstance(value, bool):
+                raise ConfigError(f"invalid value {value!r} (valid: {GROUPING_PARAMS[info.field_name]})")
+            return value
         try:
             H.check(info.field_name, _from_json(info.field_name, value))
         except H.InvalidHyperparameter:
@@ -173,15 +191,34 @@ def _message(err: dict, prefix: str) -> str:
     return f"{key}: {msg[:1].lower()}{msg[1:]}, got {value!r}"
 
 
-def optimizer_kwargs_from_config(section: Mapping[str, Any], prefix: str = "optimizer") -> Dict[str, Any]:
-    """Validate ``{"type": "AdamWMSAMScheduleFree", "params": {...}}``; return the optimizer kwargs.
-
-    Raises :class:`ConfigError` naming the key (``optimizer.type``,
-    ``optimizer.params.<key>``) for a missing or foreign type, an unknown key, or a bad
-    value. ``betas`` is returned as a tuple; absent keys are left to the optimizer's
-    defaults.
-    """
+def _params(section: Mapping[str, Any], prefix: str) -> OptimizerParams:
     try:
-        return OptimizerSection.model_validate(section).params.kwargs()
+        return OptimizerSection.model_validate(section).params
     except pydantic.ValidationError as e:
         raise ConfigError("; ".join(_message(err, prefix) for err in e.errors())) from None
+
+
+def optimizer_kwargs_from_config(section: Mapping[str, Any], prefix: str = "optimizer", *,
+                                 grouping: bool = False) -> Dict[str, Any]:
+    """Validate ``{"type": "AdamWMSAMScheduleFree", "params": {...}}``; return the optimizer kwargs.
+
+    Raises :class:`ConfigError` naming the key (``optimizer.params.<key>``)
+    for a missing or foreign type, an unknown key, or a bad value. ``betas`` is returned as a
+    tuple; absent keys are left to the optimizer's defaults. A :data:`GROUPING_PARAMS` key set
+    to true is refused unless ``grouping`` (the caller reads it with :func:`grouping_from_config`):
+    a caller that builds the groups itself would otherwise ignore it silently.
+    """
+    params = _params(section, prefix)
+    if not grouping:
+        for key in GROUPING_PARAMS:
+            if getattr(params, key):
+                raise ConfigError(f"{prefix}.params.{key}: only the DeepSpeed routes (sharded_msam_sf.deepspeed."
+                                  f"initialize, register()) split the parameters into groups; here the groups are "
+                                  f"built elsewhere: remove the key")
+    return params.kwargs()
+
+
+def grouping_from_config(section: Mapping[str, Any], prefix: str = "optimizer") -> Dict[str, bool]:
+    """The section's :data:`GROUPING_PARAMS` (validated as :func:`optimizer_kwargs_from_config` does)."""
+    params = _params(section, prefix)
+    return {key: bool(getattr(params, key)) for key in GROUPING_PARAMS}

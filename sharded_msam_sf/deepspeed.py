@@ -46,17 +46,21 @@ that takes): :mod:`sharded_msam_sf.backends.zero`.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
 
 from .backends.zero import DeepSpeedBackend, ZeroDriver, bind, full_fp32_state_dict, wrapper_classes
-from .config import ConfigError, is_our_optimizer, optimizer_kwargs_from_config
+from .config import ConfigError, grouping_from_config, is_our_optimizer, optimizer_kwargs_from_config
+from .decay_groups import decay_groups
 from .deepspeed_config import check_deepspeed_config, client_config, load_deepspeed_config
+from .hyperparams import DEFAULTS
 from .optimizer import AdamWMSAMScheduleFree
 
-__all__ = ["initialize", "attach", "register", "unregister", "registered", "facade_of", "init_distributed",
+__all__ = ["initialize", "attach", "register", "unregister", "registered", "facade_of", "find_optimizer",
+           "init_distributed",
            "DeepSpeedMSAMOptimizer", "ConfigError"]
 
 
@@ -90,7 +94,8 @@ def initialize(model: torch.nn.Module = None,
     Returns DeepSpeed's ``(engine, optimizer, dataloader, lr_scheduler)``, where
     ``optimizer`` is a :class:`DeepSpeedMSAMOptimizer`. ``model_parameters`` (params or
     param-group dicts, default: the model's trainable params) become the optimizer's
-    param groups. Other keyword arguments (``training_data``, ``lr_scheduler``,
+    param groups (``"no_decay_bias_and_norm": true`` in the section's params: split into the HF
+    Trainer's weight-decay groups, :mod:`sharded_msam_sf.decay_groups`). Other keyword arguments (``training_data``, ``lr_scheduler``,
     ``mpu``, ``collate_fn``, ...) go to ``deepspeed.initialize``. A config whose
     optimizer is not ours is handed to ``deepspeed.initialize`` as it is.
     """
@@ -112,17 +117,29 @@ def initialize(model: torch.nn.Module = None,
         import deepspeed  # someone else's optimizer: DeepSpeed's business
         init_distributed(dist_backend)
         return deepspeed.initialize(model=model, model_parameters=model_parameters, config=ds, **kwargs)
-    opt_kwargs = optimizer_kwargs_from_config(section)
+    opt_kwargs = optimizer_kwargs_from_config(section, grouping=True)
     check_deepspeed_config(ds, opt_kwargs.get("sam_mode", "one_pass"))
 
     import deepspeed
     init_distributed(dist_backend)
     params = list(model_parameters) if model_parameters is not None else \
         [p for p in model.parameters() if p.requires_grad]
+    params = _grouped(section, model, params, opt_kwargs)
     optimizer = AdamWMSAMScheduleFree(params, **opt_kwargs, backend=DeepSpeedBackend())
     engine, _, dataloader, lr_scheduler = deepspeed.initialize(
         model=model, model_parameters=params, optimizer=optimizer, config=client_config(ds), **kwargs)
     return engine, attach(engine), dataloader, lr_scheduler
+
+
+def _grouped(section: Mapping[str, Any], model: torch.nn.Module, params: Any, opt_kwargs: Dict[str, Any]) -> Any:
+    """``params``, or with ``"no_decay_bias_and_norm": true`` the HF Trainer's two weight-decay groups
+    (:func:`~sharded_msam_sf.decay_groups.decay_groups`; the section's weight_decay, and 0 for biases and norms)."""
+    if not grouping_from_config(section)["no_decay_bias_and_norm"]:
+        return params
+    try:
+        return decay_groups(model, params, opt_kwargs.get("weight_decay", DEFAULTS["weight_decay"]))
+    except ValueError as e:
+        raise ConfigError(f"optimizer.params.{e}") from None
 
 
 def attach(engine: Any) -> "DeepSpeedMSAMOptimizer":
@@ -152,7 +169,7 @@ def attach(engine: Any) -> "DeepSpeedMSAMOptimizer":
         raise TypeError(f"attach(engine): the engine's optimizer does not wrap an AdamWMSAMScheduleFree "
                         f"(found {type(ours).__name__} inside {type(zero).__name__})")
     if not isinstance(ours.backend, DeepSpeedBackend):
-        if any(g["k"] > 0 for g in ours.param_groups):
+        if _stepped_outside(ours, zero):
             raise RuntimeError("attach(engine): this AdamWMSAMScheduleFree has already stepped outside the engine; "
                                "attach it right after deepspeed.initialize")
         ours.bind_backend(DeepSpeedBackend())
@@ -161,6 +178,19 @@ def attach(engine: Any) -> "DeepSpeedMSAMOptimizer":
         setattr(zero, name, getattr(facade, name))
     zero._msam_facade = facade
     return facade
+
+
+# the ZeRO wrappers' fp32 master partitions: ZeRO-1/2, BF16_Optimizer, ZeRO-3 (ZeroDriver._masters reads the same)
+_MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat")
+
+
+def _stepped_outside(ours: AdamWMSAMScheduleFree, zero: Any) -> bool:
+    """Whether ``ours`` holds state for tensors other than ``zero``'s fp32 master partitions: it
+    stepped before ``deepspeed.initialize`` (its state is per model param, not per partition).
+    State on the masters is the engine's own: ``engine.load_checkpoint`` before :func:`attach`
+    (the HF Trainer resumes a DeepSpeed run before its callback attaches)."""
+    masters = {id(t) for name in _MASTER_ATTRS for t in (getattr(zero, name, None) or ())}
+    return any(id(p) not in masters for p, st in ours.state.items() if st)
 
 
 def facade_of(optimizer: Any) -> Optional["DeepSpeedMSAMOptimizer"]:
@@ -178,6 +208,34 @@ def facade_of(optimizer: Any) -> Optional["DeepSpeedMSAMOptimizer"]:
     return None
 
 
+def find_optimizer(optimizer: Any, bind: bool = True, module: Any = None) -> Any:
+    """Ours behind ``optimizer`` (Accelerate's or Lightning's wrapper, DeepSpeed's ZeRO wrapper): the
+    :class:`~sharded_msam_sf.deepspeed.DeepSpeedMSAMOptimizer` facade under DeepSpeed (attaching the
+    ZeRO wrapper first if ``bind`` and not yet attached), else the :class:`AdamWMSAMScheduleFree`;
+    None if ``optimizer`` does not hold ours. ``module``: the model the engine wraps (the Trainer's
+    ``model``), kept by a facade attached here for its ``eval_state_dict()``."""
+    chain = []
+    while optimizer is not None and len(chain) < 8:
+        chain.append(optimizer)
+        facade = getattr(optimizer, "_msam_facade", None)
+        if facade is not None:
+            return facade
+        if isinstance(optimizer, AdamWMSAMScheduleFree):
+            break
+        optimizer = getattr(optimizer, "optimizer", None)
+    if not isinstance(optimizer, AdamWMSAMScheduleFree):
+        return None
+    if len(chain) > 1 and "deepspeed" in sys.modules:
+        if isinstance(chain[-2], wrapper_classes()):
+            if not bind:
+                return None
+            facade = attach(chain[-2])
+            if facade.module is None:
+                facade.module = module
+            return facade
+    return optimizer
+
+
 # ---------------------------------------------------------------------- register()
 _ORIGINALS: Dict[str, Any] = {}
 
@@ -188,9 +246,11 @@ def register() -> None:
     After it, a DeepSpeed config whose optimizer section is
     ``{"type": "AdamWMSAMScheduleFree", "params": {...}}`` builds ours (the section validated as
     :func:`initialize` does: bad keys and values are ConfigErrors naming them; the rest of the
-    config checked by :func:`~sharded_msam_sf.deepspeed_config.check_deepspeed_config`), and
+    config checked by :func:`~sharded_msam_sf.deepspeed_config.check_deepspeed_config`;
+    ``"no_decay_bias_and_norm": true`` splits the engine's parameter list into the HF Trainer's two
+    weight-decay groups, by the engine module's parameter names), and
     every engine whose optimizer is an :class:`AdamWMSAMScheduleFree` — from the config or passed
-    as ``optimizer=`` — is :func:`attach`\ ed when it is built. This is the JSON route of the HF
+    as ``optimizer=`` — is bound by :func:`attach` when it is built. This is the JSON route of the HF
     Trainer (``TrainingArguments(deepspeed=...)``), Accelerate's DeepSpeed plugin and Lightning.
     Which DeepSpeed methods it replaces, and why: :mod:`sharded_msam_sf.backends.zero`."""
     from deepspeed.runtime.engine import DeepSpeedEngine
@@ -208,10 +268,11 @@ def register() -> None:
         if not is_our_optimizer({"type": name}):
             return basic(self, model_parameters)
         section = {"type": name, "params": dict(self.optimizer_params() or {})}
-        opt_kwargs = optimizer_kwargs_from_config(section)
+        opt_kwargs = optimizer_kwargs_from_config(section, grouping=True)
         check_deepspeed_config(getattr(self._config, "_param_dict", {}) or {}, opt_kwargs.get("sam_mode", "one_pass"))
         self._config.zero_allow_untested_optimizer = True
-        return AdamWMSAMScheduleFree(model_parameters, **opt_kwargs, backend=DeepSpeedBackend())
+        params = _grouped(section, self.module, model_parameters, opt_kwargs)
+        return AdamWMSAMScheduleFree(params, **opt_kwargs, backend=DeepSpeedBackend())
 
     def _configure_optimizer(self, client_optimizer, model_parameters):
         configure(self, client_optimizer, model_parameters)

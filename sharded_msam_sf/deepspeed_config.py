@@ -28,8 +28,9 @@ def load_deepspeed_config(config: Union[str, os.PathLike, Mapping[str, Any]]) ->
 
 def check_deepspeed_config(ds: Mapping[str, Any], sam_mode: str) -> None:
     """Raise :class:`ConfigError` for DeepSpeed settings AdamWMSAMScheduleFree cannot run right:
-    elastic checkpoints (they drop the per-group step counters), NVMe offload, and gradient
-    accumulation in two_pass (each backward pass must be a whole step's gradient)."""
+    elastic checkpoints (they drop the per-group step counters), NVMe offload, fp16 without ZeRO
+    (stage 0: DeepSpeed's FP16 wrappers, which cannot be bound), and gradient accumulation in
+    two_pass (each backward pass must be a whole step's gradient)."""
     zero = ds.get("zero_optimization", {}) or {}
     if not isinstance(zero, Mapping):
         raise ConfigError("zero_optimization: must be a JSON object")
@@ -40,6 +41,13 @@ def check_deepspeed_config(ds: Mapping[str, Any], sam_mode: str) -> None:
         dev = (zero.get(key) or {}).get("device") if isinstance(zero.get(key), Mapping) else None
         if dev == "nvme":
             raise ConfigError(f"zero_optimization.{key}.device: 'nvme' is not supported with AdamWMSAMScheduleFree")
+    fp16 = ds.get("fp16")
+    if zero.get("stage", 0) == 0 and isinstance(fp16, Mapping) and fp16.get("enabled") is True:
+        # (bf16 at stage 0 is refused when DeepSpeed's FP16 wrapper first steps the optimizer, not here:
+        # a pipeline engine takes the BF16_Optimizer there instead)
+        raise ConfigError("zero_optimization.stage: 0 with fp16 enabled wraps the optimizer in DeepSpeed's "
+                          "FP16_Optimizer/FP16_UnfusedOptimizer, which AdamWMSAMScheduleFree does not support; set "
+                          "zero_optimization.stage to 1, 2 or 3 (or train in fp32)")
     gas = ds.get("gradient_accumulation_steps", 1)
     if sam_mode == "two_pass" and isinstance(gas, int) and gas > 1:
         raise ConfigError("gradient_accumulation_steps: two_pass needs 1 (each backward pass is a whole "

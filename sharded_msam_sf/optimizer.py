@@ -739,9 +739,9 @@ class AdamWMSAMScheduleFree(Optimizer):
         self._bind()  # late binding: before any state is created for these params
         self._check_groups("step()")
         init_call = self._is_state_init_call()  # allowed in eval mode: DCP loads into a fresh optimizer
-        if not init_call:
-            self._require_train("step()")
+        if not init_call:  # (first: DeepSpeed's fp16 wrappers step it in deepspeed.initialize, in eval mode)
             refuse_unbound_zero(self)  # stepped inside a DeepSpeed engine without attach(): wrong ||m||
+            self._require_train("step()")
         loss = None
         if (closure is not None and not init_call and self.sam_mode == "two_pass"
                 and not any(g["ascent_taken"] for g in self.param_groups)):

@@ -170,7 +170,28 @@ def _ranks(rank, world, rec):
         finally:
             engine.destroy()
 
+    def stage0(name):
+        """fp16/bf16 without ZeRO: DeepSpeed's FP16 wrappers step the optimizer inside deepspeed.initialize."""
+        from sharded_msam_sf.deepspeed import initialize
+        S.allow_cpu_fp16()
+        for dtype in ("fp16", "bf16"):
+            cfg = S.ds_config(0, dtype, "one_pass")
+            model = S.make_model()
+            try:
+                initialize(model=model, model_parameters=S.param_groups(model), config=cfg)
+                rec(name, **{f"{dtype}/initialize": None})
+            except (ConfigError, NotImplementedError) as e:
+                rec(name, **{f"{dtype}/initialize": f"{type(e).__name__}: {e}"})
+            model = S.make_model()
+            opt = AdamWMSAMScheduleFree(S.param_groups(model), lr=0.02, rho=0.05)
+            try:
+                deepspeed.initialize(model=model, optimizer=opt, config=client_config(cfg))
+                rec(name, **{f"{dtype}/plain": None})
+            except NotImplementedError as e:
+                rec(name, **{f"{dtype}/plain": f"{type(e).__name__}: {e}"})
+
     rec.case("attach/refusals", lambda: attach_refusals("attach/refusals"))
+    rec.case("stage0", lambda: stage0("stage0"))
     for name, (stage, mode, dtype) in ATTACH_CASES.items():
         rec.case(name, lambda: attached(name, stage, mode, dtype))
     rec.case("unattached", lambda: unattached("unattached"))
@@ -245,3 +266,12 @@ def test_attach_refusals(results):
         # attach's own refusal, or (with late binding) the optimizer's: its state was made for other tensors
         assert v["after_local_step"] is not None and ("already stepped outside the engine" in v["after_local_step"] or
                                                       "after the optimizer state was created" in v["after_local_step"]), v
+
+
+def test_stage0_fp16_and_bf16_are_refused_naming_the_stage(results):
+    """Not the misleading 'step() was called in eval mode' of the FP16 wrapper's state-init step."""
+    for v in S.case_values(results, "stage0"):
+        assert v["fp16/initialize"].startswith("ConfigError: zero_optimization.stage: 0 with fp16 enabled"), v
+        for key in ("bf16/initialize", "fp16/plain", "bf16/plain"):
+            assert v[key] is not None and v[key].startswith("NotImplementedError:"), v
+            assert "FP16_UnfusedOptimizer" in v[key] and "set zero_optimization.stage to 1, 2 or 3" in v[key], v

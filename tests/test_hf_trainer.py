@@ -93,3 +93,32 @@ def test_two_pass_refuses_gradient_accumulation(tmp_path):
     with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
         _train(tmp_path, "two_pass", MSAMTrainer, gradient_accumulation_steps=2, per_device_train_batch_size=4,
                save_strategy="no")
+
+
+@pytest.mark.parametrize("mode,cls", [("one_pass", "Trainer"), ("two_pass", "MSAMTrainer")])
+def test_resume_from_a_checkpoint_is_exact(tmp_path, mode, cls):
+    """4 steps with checkpoints every 2; train(resume_from_checkpoint=checkpoint-2) in a fresh Trainer ends on
+    the uninterrupted run's x (the checkpoint holds x and the optimizer's eval-mode state; the callback's
+    train() at train begin gives back y, and the ascent in one_pass)."""
+    import transformers
+
+    from sharded_msam_sf import AdamWMSAMScheduleFree
+    from sharded_msam_sf.integrations.hf import MSAMTrainer, ScheduleFreeCallback
+    trainer_cls = transformers.Trainer if cls == "Trainer" else MSAMTrainer
+    steps = 4
+
+    def run(out, resume=None):
+        trainer = trainer_cls(model=H.make_model(), args=H.training_args(str(out), steps, use_cpu=True),
+                              train_dataset=H.dataset(), callbacks=[ScheduleFreeCallback()],
+                              optimizer_cls_and_kwargs=(AdamWMSAMScheduleFree, dict(H.OPT_KW, sam_mode=mode)))
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(str(out / "final"))
+        return trainer
+
+    run(tmp_path / "full")
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-2"))
+    assert not (tmp_path / "resumed" / "checkpoint-2").exists()  # it started at step 2
+    assert [g["k"] for g in resumed.optimizer.optimizer.param_groups] == [steps, steps]
+    final = H.saved_weights(str(tmp_path / "resumed" / "final"))
+    assert H.max_diff(final, H.saved_weights(str(tmp_path / "full" / "final"))) == 0.0
+    assert H.max_diff(final, H.reference(steps, mode)[steps]) < TOL

@@ -135,7 +135,8 @@ def _kind(zero: Any) -> str:
         return "bf16"
     raise NotImplementedError(
         f"sharded_msam_sf.deepspeed supports DeepSpeed's ZeRO stages 1, 2 and 3 (and its BF16_Optimizer); "
-        f"this engine wraps the optimizer in {type(zero).__name__}: set zero_optimization.stage to 1, 2 or 3")
+        f"this engine wraps the optimizer in {type(zero).__name__} (DeepSpeed's wrapper for fp16/bf16 without ZeRO): "
+        f"set zero_optimization.stage to 1, 2 or 3")
 
 
 def wrapper_classes() -> tuple:
@@ -154,7 +155,8 @@ def wrapper_classes() -> tuple:
     return tuple(out)
 
 
-_STEP_FRAMES = frozenset({"step", "_optimizer_step"})
+# (the fp16 wrappers also step the optimizer in initialize_optimizer_states, inside deepspeed.initialize)
+_STEP_FRAMES = frozenset({"step", "_optimizer_step", "initialize_optimizer_states"})
 
 
 def unbound_zero_wrapper(optimizer: Any) -> Optional[Any]:
@@ -187,6 +189,7 @@ def refuse_unbound_zero(optimizer: Any) -> None:
     ``train()``/``eval()`` off the engine's weights."""
     zero = unbound_zero_wrapper(optimizer)
     if zero is not None:
+        _kind(zero)  # a wrapper attach() cannot bind (stage 0 fp16/bf16) raises its own NotImplementedError
         raise RuntimeError(
             f"AdamWMSAMScheduleFree is stepped by DeepSpeed's {type(zero).__name__} without being attached to the "
             f"engine (the step would use ||m|| per rank and per group): call "

@@ -29,12 +29,12 @@ Routes (see docs/integrations.md): ``optimizer_cls_and_kwargs=(AdamWMSAMSchedule
 """
 from __future__ import annotations
 
-import sys
 import warnings
 from typing import Any, Optional
 
 from transformers import Trainer, TrainerCallback
 
+from ..deepspeed import find_optimizer
 from ..optimizer import AdamWMSAMScheduleFree
 
 __all__ = ["ScheduleFreeCallback", "MSAMTrainer", "find_optimizer"]
@@ -48,36 +48,6 @@ DROPPED_OPTIMIZER = (
 
 def _deepspeed_enabled(args: Any) -> bool:
     return bool(getattr(args, "deepspeed", None) or getattr(args, "hf_deepspeed_config", None))
-
-
-def find_optimizer(optimizer: Any, bind: bool = True, module: Any = None) -> Any:
-    """Ours behind ``optimizer`` (Accelerate's wrapper, DeepSpeed's ZeRO wrapper): the
-    :class:`~sharded_msam_sf.deepspeed.DeepSpeedMSAMOptimizer` facade under DeepSpeed (attaching the
-    ZeRO wrapper first if ``bind`` and not yet attached), else the :class:`AdamWMSAMScheduleFree`;
-    None if ``optimizer`` does not hold ours. ``module``: the model the engine wraps (the Trainer's
-    ``model``), kept by a facade attached here for its ``eval_state_dict()``."""
-    chain = []
-    while optimizer is not None and len(chain) < 8:
-        chain.append(optimizer)
-        facade = getattr(optimizer, "_msam_facade", None)
-        if facade is not None:
-            return facade
-        if isinstance(optimizer, AdamWMSAMScheduleFree):
-            break
-        optimizer = getattr(optimizer, "optimizer", None)
-    if not isinstance(optimizer, AdamWMSAMScheduleFree):
-        return None
-    if len(chain) > 1 and "deepspeed" in sys.modules:
-        from ..backends.zero import wrapper_classes
-        if isinstance(chain[-2], wrapper_classes()):
-            if not bind:
-                return None
-            from ..deepspeed import attach
-            facade = attach(chain[-2])
-            if facade.module is None:
-                facade.module = module
-            return facade
-    return optimizer
 
 
 class ScheduleFreeCallback(TrainerCallback):

@@ -25,7 +25,10 @@ Automatic optimization works in both modes (two_pass: ``optimizer.step(closure)`
 loop, see :meth:`~sharded_msam_sf.AdamWMSAMScheduleFree.step`); two_pass with
 ``accumulate_grad_batches > 1`` is refused (a closure cannot re-run the earlier micro-batches at
 the ascent point). Manual optimization: call ``move_to_ascent()`` etc. in ``training_step`` as in
-a plain loop. Strategies: single device and DDP; see docs/integrations.md for the others.
+a plain loop. Strategies: single device, DDP, and DeepSpeed (one_pass under automatic
+optimization, both modes under manual optimization; the callback attaches the engine's ZeRO
+optimizer at fit start if :func:`sharded_msam_sf.deepspeed.register` did not). Lightning runs
+``DeepSpeedStrategy`` on CUDA only; see docs/integrations.md for what was tested on the CPU.
 """
 from __future__ import annotations
 
@@ -37,13 +40,21 @@ except ImportError as e:  # pragma: no cover - the [lightning] extra
     raise ImportError("sharded_msam_sf.integrations.lightning needs Lightning: pip install "
                       "'sharded_msam_sf[lightning]' (lightning>=2.4)") from e
 
+from ..deepspeed import DeepSpeedMSAMOptimizer, find_optimizer
+
 __all__ = ["ScheduleFreeCallback"]
 
 
 def _schedule_free(trainer: Any) -> List[Any]:
-    """The trainer's optimizers that have ``train()``/``eval()`` (ours, or any Schedule-Free one)."""
+    """The trainer's optimizers that have ``train()``/``eval()``: ours (under ``DeepSpeedStrategy`` the
+    :class:`~sharded_msam_sf.deepspeed.DeepSpeedMSAMOptimizer` of the engine's ZeRO wrapper, attached
+    here if ``register()`` did not), or any other Schedule-Free one."""
     out = []
     for opt in trainer.optimizers:
+        ours = find_optimizer(opt, module=trainer.lightning_module)
+        if ours is not None:
+            out.append(ours)
+            continue
         opt = getattr(opt, "optimizer", opt) if type(opt).__name__.startswith("Lightning") else opt
         if callable(getattr(opt, "train", None)) and callable(getattr(opt, "eval", None)):
             out.append(opt)
@@ -78,6 +89,12 @@ class ScheduleFreeCallback(Callback):
                     f"{trainer.accumulate_grad_batches} under automatic optimization: the closure cannot take "
                     "the earlier micro-batches' gradients at the ascent point. Use sam_mode='one_pass', "
                     "accumulate_grad_batches=1, or manual optimization")
+            if two_pass and pl_module.automatic_optimization and isinstance(opt, DeepSpeedMSAMOptimizer):
+                raise ValueError(
+                    "ScheduleFreeCallback: sam_mode='two_pass' under DeepSpeedStrategy with automatic optimization: "
+                    "Lightning's step there is engine.step() after one backward pass, with no closure to run at the "
+                    "ascent point. Use manual optimization (manual_backward, optimizer.move_to_ascent(), "
+                    "manual_backward, optimizer.move_from_ascent(), step()) or sam_mode='one_pass'")
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._train(trainer)
