@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .base import Backend, Reduction, Share
+from .mesh_shares import mesh_shares
 
 __all__ = ["FSDP2Backend", "is_dtensor", "fsdp2_modules"]
 
@@ -88,32 +89,16 @@ def fsdp2_modules(params: Sequence[Tensor], model: Optional[torch.nn.Module] = N
     return out
 
 
-def dtensor_share(p: Tensor) -> Share:
-    """How a DTensor's local sum of squares adds into the global one (see the module docstring)."""
-    placements = tuple(p.placements)
-    if any(pl.is_partial() for pl in placements):
-        raise ValueError("AdamWMSAMScheduleFree: a DTensor parameter has a Partial placement; "
-                         "parameters must be Shard or Replicate")
-    mesh = p.device_mesh
-    dims = [i for i, pl in enumerate(placements) if pl.is_shard()]
-    if len(dims) == 1:
-        return Share(mesh.get_group(dims[0]), 1)
-    if not dims and mesh.ndim == 1:
-        return Share(mesh.get_group(0), mesh.size())
-    if not dims:
-        raise ValueError(
-            f"AdamWMSAMScheduleFree: a DTensor parameter is replicated on every dimension of a {mesh.ndim}-D "
-            "mesh; pass process_group= explicitly (or use plain tensors: the local back end)")
-    raise ValueError(
-        f"AdamWMSAMScheduleFree: a DTensor parameter is sharded over {len(dims)} mesh dimensions {tuple(dims)}; "
-        "pass process_group= (a group spanning those dimensions, e.g. mesh[(names)]._flatten().get_group())")
-
-
 class FSDP2Backend(Backend):
-    """DTensor parameters: FSDP2 ``fully_shard`` on a 1-D mesh, HSDP on a 2-D mesh."""
+    """DTensor parameters: FSDP2 ``fully_shard`` on a 1-D mesh, HSDP, and either with tensor parallelism.
+
+    ``process_group``: every parameter's sum of squares adds up over this group, one replica
+    (overrides the mesh). ``model``: the wrapped model, to find the ``fully_shard`` modules.
+    ``pipeline_group``: the process group of this rank's pipeline stages (ranks that hold
+    different parameters): summed over, never counted as replicas (:mod:`.mesh_shares`)."""
 
     def __init__(self, params: Iterable[Tensor], *, process_group=None,
-                 model: Optional[torch.nn.Module] = None) -> None:
+                 model: Optional[torch.nn.Module] = None, pipeline_group=None) -> None:
         params = list(params)
         plain = [p for p in params if not is_dtensor(p)]
         if plain:
@@ -122,8 +107,11 @@ class FSDP2Backend(Backend):
                 "DTensor (FSDP2) parameters; their squared norm would be counted once per rank. Apply "
                 "fully_shard to the root module too (fully_shard(model) after the blocks), or give the "
                 "replicated parameters their own optimizer")
-        self._shares: Dict[int, Share] = {
-            id(p): Share(process_group, 1) if process_group is not None else dtensor_share(p) for p in params}
+        if process_group is not None or not params:
+            self._shares: Dict[int, Share] = {id(p): Share(process_group, 1) for p in params}
+        else:
+            group, replicas = mesh_shares(params, pipeline_group)
+            self._shares = {id(p): Share(group, replicas[id(p)]) for p in params}
         self.reduction = Reduction.of(self._shares.values(), params[0].device if params else None)
         self._modules = fsdp2_modules(params, model)
 
