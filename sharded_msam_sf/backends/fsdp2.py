@@ -1,4 +1,4 @@
-"""FSDP2 (``fully_shard``), HSDP, and any DTensor parameters.
+"""FSDP2 (``fully_shard``), HSDP, either with tensor parallelism, and any DTensor parameters.
 
 - **Local shards**: ``fully_shard`` parameters (and their gradients) are DTensors;
   ``to_local()`` is a view of this rank's piece of the sharded storage that the
@@ -6,13 +6,22 @@
   with ``clone``/``zeros_like`` of the DTensor param, so it is a DTensor with the
   same mesh and placements: ``torch.distributed.checkpoint`` can save it sharded
   and reshard it on load. The math only ever sees ``to_local()`` views.
-- **Shares** (from each DTensor's placements): the local sums of squares add up over
-  the mesh dimension whose placement is ``Shard`` (1-D FSDP mesh: the whole mesh; HSDP
-  ``(Replicate, Shard(0))``: the shard dimension's group only — the replica groups are
-  left out, so nothing is counted twice), one replica per element. A DTensor replicated
-  on a 1-D mesh: the mesh's group, ``size`` replicas. Several shard dimensions (a 2-D
-  shard, tensor parallelism) need a group spanning them: pass ``process_group=`` (then
-  every parameter's share is that group, one replica).
+- **Shares** (from each DTensor's placements, read against the ROOT device mesh its mesh
+  was sliced from: :mod:`.mesh_shares`): one group for all parameters, the root mesh's
+  ranks, and per parameter ``replicas`` = the product of the sizes of the root dims along
+  which it is not sharded — ``Replicate`` dims, and root dims absent from its own submesh
+  (a LayerNorm that is not tensor-parallel, ``fully_shard``-ed on the dp submesh, is held
+  by every tp rank). A dim along which no parameter is sharded (HSDP's replicate dim) is
+  left out of the group instead, when a group over the other dims exists. Examples:
+  1-D FSDP mesh — the mesh's group, 1; HSDP ``(Replicate, Shard(0))`` — the shard
+  dim's group, 1; FSDP2 + TP on dp × tp — all ranks, a Colwise weight 1, a Rowwise bias
+  or a LayerNorm ``tp``; HSDP + TP on replicate × shard × tp — all ranks (or a flattened
+  (shard, tp) mesh made by the user), the replicate dim counted in the replicas. When the
+  counts differ the reduction is ``weighted``: still one all-reduce of ``G + 1`` scalars.
+  ``Partial`` placements, params on different root meshes and plain tensors next to
+  DTensors are refused. ``pipeline_group=`` (this rank's pipeline stages): those ranks
+  hold different parameters, summed over, never counted as replicas. ``process_group=``:
+  that group, one replica for every parameter (overrides all of this).
 - **Out-of-step changes**: FSDP2 keeps the root module unsharded after a forward
   (and every module whose ``reshard_after_forward``/``reshard_after_backward`` is
   off), and a later forward reuses those full parameters without reading the
