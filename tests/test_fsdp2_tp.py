@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests import sharded_common as C
 from tests import tp_common as T
 from tests.harness import run_ranks
 
@@ -45,17 +44,19 @@ def _summary(params, **kw) -> tuple:
 
 def _refusals(rank, world_size) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
     model = T.wrap(ENGINE, T.make_model())
     params = list(model.parameters())
     tp = T.mesh_for(ENGINE)["tp"]
     partial = torch.nn.Parameter(DTensor.from_local(torch.ones(3), tp, [Partial()]))
+    replicated = torch.nn.Parameter(distribute_tensor(torch.ones(3), T.mesh_for(ENGINE), [Replicate(), Replicate()]))
     other_root = torch.nn.Parameter(distribute_tensor(torch.ones(4), init_device_mesh("cpu", (4,)), [Shard(0)]))
     return dict(
         partial=_error(lambda: _backend(params + [partial])),
         plain=_error(lambda: _backend(params + [torch.nn.Parameter(torch.zeros(3))])),
         other_root=_error(lambda: _backend(params + [other_root])),
         process_group=_summary(params, process_group=dist.group.WORLD),
+        all_replicated=_summary([replicated]),
     )
 
 
@@ -97,32 +98,11 @@ def runs():
     return run_ranks(_ranks, 4, timeout=400)
 
 
-@pytest.mark.parametrize("check", C.EQUIVALENCE_CHECKS)
-@pytest.mark.parametrize("mode", T.MODES)
-def test_equals_single_process(runs, mode, check):
-    C.assert_on_every_rank(runs, mode, C.EQUIVALENCE_CHECKS[check])
-    if check == "final_weights":
-        print(f"MAXDIFF {ENGINE} {mode} {max(r[mode]['diff'] for r in runs.values()):.3e}")
-
-
-@pytest.mark.parametrize("check", ("global_norm", "ascent_scales"))
-def test_replicas_counted_twice_would_fail(runs, check):
-    # the same run with every parameter's replica count set to 1: the replicated ones (LayerNorms,
-    # the Rowwise biases, the layers that are not tensor-parallel) count once per tp rank
-    for rank, r in runs.items():
-        with pytest.raises(AssertionError):
-            C.EQUIVALENCE_CHECKS[check](r["counted_twice"])
-
-
-def test_every_parameter_counted_once_over_all_ranks(runs):
-    for rank, r in runs.items():
-        T.check_shares(ENGINE, r["shares"])
-
-
-@pytest.mark.parametrize("mode", T.MODES)
-def test_one_all_reduce_per_gradient_and_none_in_train_eval(runs, mode):
-    per_step = {"one_pass": 1, "two_pass": 2}[mode]
-    C.assert_on_every_rank(runs, "collectives", lambda m: C.check_collectives(m[mode], per_step=per_step))
+# the tests every TP layout shares (tests/tp_common.py), on this module's runs
+test_equals_single_process = T.test_equals_single_process
+test_replicas_counted_twice_would_fail = T.test_replicas_counted_twice_would_fail
+test_every_parameter_counted_once_over_all_ranks = T.test_every_parameter_counted_once_over_all_ranks
+test_one_all_reduce_per_gradient_and_none_in_train_eval = T.test_one_all_reduce_per_gradient_and_none_in_train_eval
 
 
 @pytest.mark.parametrize("case, message", [
@@ -139,6 +119,11 @@ def test_process_group_is_one_group_one_replica(runs):
     for rank, r in runs.items():
         group, weighted, replicas = r["refusals"]["process_group"]
         assert group == [0, 1, 2, 3] and not weighted and set(replicas) == {1}, (rank, r["refusals"]["process_group"])
+
+
+def test_a_parameter_replicated_on_the_whole_mesh_counts_once(runs):
+    for rank, r in runs.items():
+        assert r["refusals"]["all_replicated"] == ([0, 1, 2, 3], False, [4]), (rank, r["refusals"]["all_replicated"])
 
 
 def test_pipeline_dim_in_the_root_mesh_is_summed_never_a_replica(runs):

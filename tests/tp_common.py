@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -130,6 +131,16 @@ def _replicas_ignored(params, pipeline_group=None):
     return group, {k: 1 for k in replicas}
 
 
+def _loop_args(engine: str) -> dict:
+    dp_rank, dp_size = dp_coordinates(engine, mesh_for(engine))
+    return dict(dp_rank=dp_rank, dp_size=dp_size, make=make_model, wrapper=wrap)
+
+
+def measure_one(engine: str, mode: str, rank: int, world_size: int, **kw) -> dict:
+    """``sharded_common.measure_equivalence`` for this model, its wrapping and its data slices."""
+    return C.measure_equivalence(engine, mode, rank, world_size, **dict(RUN, **kw), **_loop_args(engine))
+
+
 def measure_layout(engine: str, rank: int, world_size: int) -> dict:
     """Everything the TP test modules assert, measured once per rank: per mode the equivalence
     with the single-process control (no extra optimizer arguments), the same run with replicas
@@ -139,13 +150,12 @@ def measure_layout(engine: str, rank: int, world_size: int) -> dict:
 
     from sharded_msam_sf.backends import fsdp2
 
-    dp_rank, dp_size = dp_coordinates(engine, mesh_for(engine))
-    kw = dict(dp_rank=dp_rank, dp_size=dp_size, make=make_model, wrapper=wrap)
-    out = {mode: C.measure_equivalence(engine, mode, rank, world_size, **RUN, **kw) for mode in MODES}
+    out = {mode: measure_one(engine, mode, rank, world_size) for mode in MODES}
     with mock.patch.object(fsdp2, "mesh_shares", _replicas_ignored):
-        out["counted_twice"] = C.measure_equivalence(engine, "one_pass", rank, world_size, **RUN, **kw)
-    out["collectives"] = C.measure_collectives(engine, rank, world_size, steps=2, **kw)
+        out["counted_twice"] = measure_one(engine, "one_pass", rank, world_size, steps=3, nan_at=None)
+    out["collectives"] = C.measure_collectives(engine, rank, world_size, steps=2, **_loop_args(engine))
     out["shares"] = shares_by_name(wrap(engine, make_model()))
+    out["engine"] = engine
     return out
 
 
@@ -177,3 +187,37 @@ def check_shares(engine: str, shares: dict, group=None) -> None:
     assert len(names) == 20, names
     for n in names:
         assert shares[n] == _expected_replicas(engine, n), (n, shares[n], _expected_replicas(engine, n))
+
+
+# ---------------------------------------------------------------- the tests every layout module imports
+# (each module defines the ``runs`` fixture: {rank: measure_layout(...) + its own measurements})
+@pytest.mark.parametrize("check", C.EQUIVALENCE_CHECKS)
+@pytest.mark.parametrize("mode", MODES)
+def test_equals_single_process(runs, mode, check):
+    C.assert_on_every_rank(runs, mode, C.EQUIVALENCE_CHECKS[check])
+    if check == "final_weights":
+        print(f"MAXDIFF {runs[0]['engine']} {mode} {max(r[mode]['diff'] for r in runs.values()):.3e}")
+
+
+@pytest.mark.parametrize("check", ("global_norm", "ascent_scales"))
+def test_replicas_counted_twice_would_fail(runs, check):
+    # the same run with every parameter's replica count set to 1: the replicated ones (LayerNorms,
+    # the Rowwise biases, the layers that are not tensor-parallel) count once per rank holding them
+    for rank, r in runs.items():
+        with pytest.raises(AssertionError):
+            C.EQUIVALENCE_CHECKS[check](r["counted_twice"])
+    r = runs[0]["counted_twice"]
+    print(f"COUNTED_TWICE {runs[0]['engine']} norm {r['norm']:.4f} vs {r['ref_norm']:.4f}, "
+          f"max |diff| weights {max(x['counted_twice']['diff'] for x in runs.values()):.3e}")
+
+
+def test_every_parameter_counted_once_over_all_ranks(runs):
+    # no flattened group over the dims that shard something: the sum spans all ranks of the mesh
+    for rank, r in runs.items():
+        check_shares(r["engine"], r["shares"])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_one_all_reduce_per_gradient_and_none_in_train_eval(runs, mode):
+    per_step = {"one_pass": 1, "two_pass": 2}[mode]
+    C.assert_on_every_rank(runs, "collectives", lambda m: C.check_collectives(m[mode], per_step=per_step))

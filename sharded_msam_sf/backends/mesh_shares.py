@@ -35,7 +35,7 @@ dim (one data-parallel mesh per stage), the group must still span all stages: WO
 from __future__ import annotations
 
 import math
-from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Sequence, Tuple
 
 import torch.distributed as dist
 from torch import Tensor
