@@ -209,11 +209,19 @@ def bf16_control_run(ref: nn.Module, opt, *, steps: int, dp_size: int, switch_at
 
 
 def global_norm(opt) -> float:
-    """||m|| over every group with rho > 0, through the optimizer's own back end."""
-    rows = []
+    """||m|| over every group with rho > 0, through the optimizer's own back end (each local sum of
+    squares over its replica count first, under a ``weighted`` reduction)."""
+    backend, rows = opt.backend, []
     for g in opt.param_groups:
-        ms = [opt.backend.local(m) for m in (opt.state[p]["exp_avg"] for p in opt._with_m(g))]
-        sumsq = sum((float(m.double().square().sum()) for m in ms), 0.0)
+        sumsq = 0.0
+        for p in opt._with_m(g):
+            m = backend.local(opt.state[p]["exp_avg"]).double().reshape(-1)
+            if not backend.reduction.weighted:
+                sumsq += float(m.square().sum())
+                continue
+            for rng, replicas in backend.replica_pieces(p):   # each piece over its replica count
+                piece = m if rng is None else m[rng[0]:rng[1]]
+                sumsq += float(piece.square().sum()) / replicas
         rows.append(sumsq)
     stats = torch.tensor(rows + [0.0], dtype=torch.float64)
     opt.backend.all_reduce_(stats)
@@ -254,15 +262,18 @@ def _nan_into(opt, rank_to_poison: int, rank: int):
 
 def measure_equivalence(engine: str, mode: str, rank: int, world_size: int, *, steps: int = 8, switch_at: int = 3,
                         nan_at: Optional[int] = 5, nan_rank: int = 1, nan_via_data: bool = False, dp_rank=None,
-                        dp_size=None, opt_kwargs: Optional[dict] = None, pass_model: bool = False) -> dict:
+                        dp_size=None, opt_kwargs: Optional[dict] = None, pass_model: bool = False,
+                        make: Optional[Callable[..., nn.Module]] = None, wrapper: Optional[Callable] = None) -> dict:
     """Run ``engine`` and the single-process control on the same global batches; return what
     :data:`EQUIVALENCE_CHECKS` compares (the global norm, the ascent scales, the skipped steps,
-    the eval losses, the final weights), for the parent process to assert one by one."""
+    the eval losses, the final weights), for the parent process to assert one by one.
+    ``make(seed)``/``wrapper(engine, model)``: another model and its wrapping (default
+    :func:`make_model`, :func:`wrap`)."""
     dp_rank = rank if dp_rank is None else dp_rank
     dp_size = world_size if dp_size is None else dp_size
-    base = make_model(seed=3)
+    base = (make or make_model)(seed=3)
     ref = clone_model(base)
-    wrapped = wrap(engine, clone_model(base))
+    wrapped = (wrapper or wrap)(engine, clone_model(base))
     groups, _ = param_groups(engine, wrapped, ref)
     extra = dict(opt_kwargs or {}, **({"model": wrapped} if pass_model else {}))
     opt = AdamWMSAMScheduleFree(groups, sam_mode=mode, **HP, **extra)
@@ -382,10 +393,12 @@ def measure_bf16(engine: str, rank: int, world_size: int, *, steps: int = 6, swi
 
 
 def measure_collectives(engine: str, rank: int, world_size: int, *, steps: int = 3, dp_rank=None, dp_size=None,
-                        opt_kwargs: Optional[dict] = None, pass_model: bool = False) -> dict:
+                        opt_kwargs: Optional[dict] = None, pass_model: bool = False,
+                        make: Optional[Callable[..., nn.Module]] = None, wrapper: Optional[Callable] = None) -> dict:
     """Per mode: the collectives of ours (issued from inside the package) over ``steps`` steps,
     all collectives of ours and of torch.optim.AdamW in the same loop, and the collectives of
-    eval()/train()/eval(); for :func:`check_collectives`."""
+    eval()/train()/eval(); for :func:`check_collectives`. ``make``/``wrapper`` as in
+    :func:`measure_equivalence`."""
     from sharded_msam_sf.comm_count import CommCounter
     dp_rank = rank if dp_rank is None else dp_rank
     dp_size = world_size if dp_size is None else dp_size
@@ -393,7 +406,7 @@ def measure_collectives(engine: str, rank: int, world_size: int, *, steps: int =
     for mode in ("one_pass", "two_pass"):
         m = out[mode] = {"steps": steps}
         for which in ("ours", "adamw"):
-            model = wrap(engine, make_model(seed=5))
+            model = (wrapper or wrap)(engine, (make or make_model)(seed=5))
             if which == "ours":
                 extra = dict(opt_kwargs or {}, **({"model": model} if pass_model else {}))
                 opt = AdamWMSAMScheduleFree(model.parameters(), sam_mode=mode, **HP, **extra)

@@ -1,4 +1,4 @@
-"""FSDP2 (``fully_shard``), HSDP, and any DTensor parameters.
+"""FSDP2 (``fully_shard``), HSDP, either with tensor parallelism, and any DTensor parameters.
 
 - **Local shards**: ``fully_shard`` parameters (and their gradients) are DTensors;
   ``to_local()`` is a view of this rank's piece of the sharded storage that the
@@ -6,13 +6,22 @@
   with ``clone``/``zeros_like`` of the DTensor param, so it is a DTensor with the
   same mesh and placements: ``torch.distributed.checkpoint`` can save it sharded
   and reshard it on load. The math only ever sees ``to_local()`` views.
-- **Shares** (from each DTensor's placements): the local sums of squares add up over
-  the mesh dimension whose placement is ``Shard`` (1-D FSDP mesh: the whole mesh; HSDP
-  ``(Replicate, Shard(0))``: the shard dimension's group only — the replica groups are
-  left out, so nothing is counted twice), one replica per element. A DTensor replicated
-  on a 1-D mesh: the mesh's group, ``size`` replicas. Several shard dimensions (a 2-D
-  shard, tensor parallelism) need a group spanning them: pass ``process_group=`` (then
-  every parameter's share is that group, one replica).
+- **Shares** (from each DTensor's placements, read against the ROOT device mesh its mesh
+  was sliced from: :mod:`.mesh_shares`): one group for all parameters, the root mesh's
+  ranks, and per parameter ``replicas`` = the product of the sizes of the root dims along
+  which it is not sharded — ``Replicate`` dims, and root dims absent from its own submesh
+  (a LayerNorm that is not tensor-parallel, ``fully_shard``-ed on the dp submesh, is held
+  by every tp rank). A dim along which no parameter is sharded (HSDP's replicate dim) is
+  left out of the group instead, when a group over the other dims exists. Examples:
+  1-D FSDP mesh — the mesh's group, 1; HSDP ``(Replicate, Shard(0))`` — the shard
+  dim's group, 1; FSDP2 + TP on dp × tp — all ranks, a Colwise weight 1, a Rowwise bias
+  or a LayerNorm ``tp``; HSDP + TP on replicate × shard × tp — all ranks (or a flattened
+  (shard, tp) mesh made by the user), the replicate dim counted in the replicas. When the
+  counts differ the reduction is ``weighted``: still one all-reduce of ``G + 1`` scalars.
+  ``Partial`` placements, params on different root meshes and plain tensors next to
+  DTensors are refused. ``pipeline_group=`` (this rank's pipeline stages): those ranks
+  hold different parameters, summed over, never counted as replicas. ``process_group=``:
+  that group, one replica for every parameter (overrides all of this).
 - **Out-of-step changes**: FSDP2 keeps the root module unsharded after a forward
   (and every module whose ``reshard_after_forward``/``reshard_after_backward`` is
   off), and a later forward reuses those full parameters without reading the
@@ -30,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .base import Backend, Reduction, Share
+from .mesh_shares import mesh_shares
 
 __all__ = ["FSDP2Backend", "is_dtensor", "fsdp2_modules"]
 
@@ -88,32 +98,16 @@ def fsdp2_modules(params: Sequence[Tensor], model: Optional[torch.nn.Module] = N
     return out
 
 
-def dtensor_share(p: Tensor) -> Share:
-    """How a DTensor's local sum of squares adds into the global one (see the module docstring)."""
-    placements = tuple(p.placements)
-    if any(pl.is_partial() for pl in placements):
-        raise ValueError("AdamWMSAMScheduleFree: a DTensor parameter has a Partial placement; "
-                         "parameters must be Shard or Replicate")
-    mesh = p.device_mesh
-    dims = [i for i, pl in enumerate(placements) if pl.is_shard()]
-    if len(dims) == 1:
-        return Share(mesh.get_group(dims[0]), 1)
-    if not dims and mesh.ndim == 1:
-        return Share(mesh.get_group(0), mesh.size())
-    if not dims:
-        raise ValueError(
-            f"AdamWMSAMScheduleFree: a DTensor parameter is replicated on every dimension of a {mesh.ndim}-D "
-            "mesh; pass process_group= explicitly (or use plain tensors: the local back end)")
-    raise ValueError(
-        f"AdamWMSAMScheduleFree: a DTensor parameter is sharded over {len(dims)} mesh dimensions {tuple(dims)}; "
-        "pass process_group= (a group spanning those dimensions, e.g. mesh[(names)]._flatten().get_group())")
-
-
 class FSDP2Backend(Backend):
-    """DTensor parameters: FSDP2 ``fully_shard`` on a 1-D mesh, HSDP on a 2-D mesh."""
+    """DTensor parameters: FSDP2 ``fully_shard`` on a 1-D mesh, HSDP, and either with tensor parallelism.
+
+    ``process_group``: every parameter's sum of squares adds up over this group, one replica
+    (overrides the mesh). ``model``: the wrapped model, to find the ``fully_shard`` modules.
+    ``pipeline_group``: the process group of this rank's pipeline stages (ranks that hold
+    different parameters): summed over, never counted as replicas (:mod:`.mesh_shares`)."""
 
     def __init__(self, params: Iterable[Tensor], *, process_group=None,
-                 model: Optional[torch.nn.Module] = None) -> None:
+                 model: Optional[torch.nn.Module] = None, pipeline_group=None) -> None:
         params = list(params)
         plain = [p for p in params if not is_dtensor(p)]
         if plain:
@@ -122,8 +116,11 @@ class FSDP2Backend(Backend):
                 "DTensor (FSDP2) parameters; their squared norm would be counted once per rank. Apply "
                 "fully_shard to the root module too (fully_shard(model) after the blocks), or give the "
                 "replicated parameters their own optimizer")
-        self._shares: Dict[int, Share] = {
-            id(p): Share(process_group, 1) if process_group is not None else dtensor_share(p) for p in params}
+        if process_group is not None or not params:
+            self._shares: Dict[int, Share] = {id(p): Share(process_group, 1) for p in params}
+        else:
+            group, replicas = mesh_shares(params, pipeline_group)
+            self._shares = {id(p): Share(group, replicas[id(p)]) for p in params}
         self.reduction = Reduction.of(self._shares.values(), params[0].device if params else None)
         self._modules = fsdp2_modules(params, model)
 
