@@ -116,16 +116,29 @@ def poisons_here(mesh: Mesh, layout: str) -> bool:
     return mesh.pp == 1 and (layout == "pp" or mesh.dp == 0)
 
 
+def rho_free_first_and_uneven(groups: list) -> list:
+    """Other param groups: the decay group without the ascent (rho = 0) first, then the no-decay
+    params split by size (numel > 5 or not, empty groups dropped): stage 0 gets 3 groups, stage 1
+    gets 2, the whole model 3; each param keeps its hyperparameters, so the trajectory is the same."""
+    decay, rest = groups
+    split = [[p for p in rest["params"] if p.numel() > 5], [p for p in rest["params"] if p.numel() <= 5]]
+    return [dict(decay, rho=0.0)] + [dict(rest, params=ps) for ps in split if ps]
+
+
 def measure(mesh: Mesh, layout: str, schedule: str, mode: str, *, steps: int = 6, switch_at: int = 2,
-            nan_at: Optional[int] = 4, opt_kwargs: Optional[Callable[[Pipeline], dict]] = None) -> dict:
+            nan_at: Optional[int] = 4, opt_kwargs: Optional[Callable[[Pipeline], dict]] = None,
+            regroup: Optional[Callable[[list], list]] = None) -> dict:
     """The pipeline run and the single-process control on the same global batches: what
     :data:`tests.sharded_common.EQUIVALENCE_CHECKS` compares, for this rank's stage.
-    ``opt_kwargs(pipe)`` (default: ``pipeline_group=`` the pp group, ``model=`` a DDP stage)."""
+    ``opt_kwargs(pipe)`` (default: ``pipeline_group=`` the pp group, ``model=`` a DDP stage);
+    ``regroup(groups)`` changes both runs' (decay, no decay) param groups."""
     base = make_full()
     ref = copy.deepcopy(base)
     pipe = Pipeline(mesh, layout, schedule, base)
     kw = opt_kwargs(pipe) if opt_kwargs is not None else default_kwargs(pipe)
     groups, _ = C.param_groups(layout, pipe.part, ref)
+    groups = regroup(groups) if regroup is not None else groups
+    out_groups = len(groups)
     opt = AdamWMSAMScheduleFree(groups, sam_mode=mode, **C.HP, **kw)
     rec, ref_rec = {}, {}
     nan_fn = C._nan_into(opt, dist.get_rank(), dist.get_rank()) if poisons_here(mesh, layout) else None
@@ -135,11 +148,11 @@ def measure(mesh: Mesh, layout: str, schedule: str, mode: str, *, steps: int = 6
     def ref_nan(step):
         ref[0].lin.weight.grad.view(-1)[0] = float("nan")
     ref_opt = C.reference_run(layout, pipe.part, ref, mode=mode, steps=steps, switch_at=switch_at, nan_at=nan_at,
-                              nan_fn=ref_nan, record=ref_rec, final_eval=False)
+                              nan_fn=ref_nan, record=ref_rec, final_eval=False, regroup=regroup)
     out = dict(norm=C.global_norm(opt), ref_norm=C.reference_norm(ref_opt), scales=rec["scale"],
                ref_scales=ref_rec["scale"], steps=steps, skipped=opt.skipped_steps, ref_skipped=ref_opt.skipped_steps,
                expected_skips=0 if nan_at is None else 1, eval_loss=rec["eval_loss"],
-               ref_eval_loss=ref_rec["eval_loss"], backend=repr(opt.backend))
+               ref_eval_loss=ref_rec["eval_loss"], backend=repr(opt.backend), n_groups=out_groups)
     opt.eval()      # x on every stage
     ref_opt.eval()
     theirs = {k: v.detach().float() for k, v in ref[mesh.pp].state_dict().items()}

@@ -127,6 +127,11 @@ def max_abs_diff(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> floa
 
 
 # ---------------------------------------------------------------- the loop
+def ascent_scale(opt) -> float:
+    """The ascent scale ``s`` of the first param group with the ascent (rho > 0; 0 if none)."""
+    return next((g["ascent_scale"] for g in opt.param_groups if g["rho"] > 0), 0.0)
+
+
 def run_loop(model, opt, *, mode: str, steps: int, dp_rank: int, dp_size: int, switch_at: Optional[int] = None,
              nan_at: Optional[int] = None, nan_fn: Optional[Callable] = None, record: Optional[dict] = None,
              start: int = 0, final_eval: bool = True, backward: Optional[Callable] = None,
@@ -151,12 +156,12 @@ def run_loop(model, opt, *, mode: str, steps: int, dp_rank: int, dp_size: int, s
         if mode == "two_pass":
             opt.move_to_ascent()
             if record is not None:
-                record.setdefault("scale", []).append(opt.param_groups[0]["ascent_scale"])
+                record.setdefault("scale", []).append(ascent_scale(opt))
             backward(x, y)
             opt.move_from_ascent()
         opt.step()
         if mode == "one_pass" and record is not None:
-            record.setdefault("scale", []).append(opt.param_groups[0]["ascent_scale"])
+            record.setdefault("scale", []).append(ascent_scale(opt))
         opt.zero_grad(set_to_none=True)
         if switch_at is not None and i == switch_at:
             opt.eval()
@@ -172,9 +177,12 @@ def run_loop(model, opt, *, mode: str, steps: int, dp_rank: int, dp_size: int, s
         opt.eval()
 
 
-def reference_run(engine: str, wrapped: nn.Module, ref: nn.Module, *, mode: str, steps: int, **kw):
-    """The single-process optimizer on ``ref`` with the full global batch (no communication)."""
+def reference_run(engine: str, wrapped: nn.Module, ref: nn.Module, *, mode: str, steps: int,
+                  regroup: Optional[Callable] = None, **kw):
+    """The single-process optimizer on ``ref`` with the full global batch (no communication);
+    ``regroup(groups)`` replaces the param groups of :func:`param_groups`."""
     _, ref_groups = param_groups(engine, wrapped, ref)
+    ref_groups = regroup(ref_groups) if regroup is not None else ref_groups
     opt = AdamWMSAMScheduleFree(ref_groups, sam_mode=mode, **HP)
     assert type(opt.backend).__name__ == "LocalBackend"
     run_loop(ref, opt, mode=mode, steps=steps, dp_rank=0, dp_size=1, **kw)
@@ -201,7 +209,7 @@ def bf16_control_run(ref: nn.Module, opt, *, steps: int, dp_size: int, switch_at
             p.grad = g / dp_size
         opt.step()
         opt.zero_grad(set_to_none=True)
-        record.setdefault("scale", []).append(opt.param_groups[0]["ascent_scale"])
+        record.setdefault("scale", []).append(ascent_scale(opt))
         if switch_at is not None and i == switch_at:
             opt.eval()
             with torch.no_grad():

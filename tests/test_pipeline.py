@@ -9,9 +9,13 @@ everything; each test asserts one behaviour on every rank's measurements.
 """
 from __future__ import annotations
 
+import copy
+import re
+
 import pytest
 import torch.distributed as dist
 
+from sharded_msam_sf.backends import Backend, Reduction, Share
 from tests import pipeline_common as P
 from tests import sharded_common as C
 from tests.harness import run_ranks
@@ -20,25 +24,21 @@ MODES = ("one_pass", "two_pass")
 CASES = (("pp", "gpipe"), ("pp", "1f1b"), ("pp_ddp", "gpipe"), ("pp_fsdp2", "1f1b"))
 
 
-class ReplicasAsShards:
-    """An inner back end that claims the DDP replicas are disjoint shards (Share(dp group, 1)):
-    each replica's sum of squares is then counted once per dp rank."""
+class ReplicasAsShards(Backend):
+    """A wrong inner back end: it declares the DDP replicas disjoint shards (Share(dp group, 1)),
+    so each replica's sum of squares is counted once per dp rank."""
 
-    def __new__(cls, dp_group):
-        from sharded_msam_sf.backends import Backend, Reduction, Share
+    def __init__(self, dp_group) -> None:
+        self.reduction = Reduction(dp_group, 1)
+        self._share = Share(dp_group, 1)
 
-        class _Wrong(Backend):
-            reduction = Reduction(dp_group, 1)
-
-            def share(self, p):
-                return Share(dp_group, 1)
-        return _Wrong()
+    def share(self, p):
+        return self._share
 
 
 def _closure_two_pass(mesh, steps: int = 3) -> float:
     """two_pass through ``step(closure)``: the closure runs the schedule (zero_grad, closure at y,
     move_to_ascent, closure, move_from_ascent, update); max |diff| against the control."""
-    import copy
     base = P.make_full()
     ref = copy.deepcopy(base)
     pipe = P.Pipeline(mesh, "pp", "1f1b", base)
@@ -49,7 +49,7 @@ def _closure_two_pass(mesh, steps: int = 3) -> float:
         x, y = C.global_batch(i)
         opt.step(lambda: pipe.backward(x, y))
     opt.eval()
-    ref_opt = C.reference_run("pp", pipe.part, ref, mode="two_pass", steps=steps)
+    C.reference_run("pp", pipe.part, ref, mode="two_pass", steps=steps)
     return C.max_abs_diff(C.full_weights(pipe.part), {k: v.float() for k, v in ref[mesh.pp].state_dict().items()})
 
 
@@ -94,6 +94,7 @@ def _ranks(rank, world_size):
     # no NaN written after DDP's all-reduce here: without model= the dp replicas do not exchange the flag
     out["ddp_without_model"] = P.measure(mesh, "pp_ddp", "1f1b", "one_pass", nan_at=None,
                                          opt_kwargs=lambda pipe: dict(pipeline_group=mesh.pp_group))
+    out["uneven_groups"] = P.measure(mesh, "pp_fsdp2", "gpipe", "one_pass", regroup=P.rho_free_first_and_uneven)
     out["not_summed"] = P.measure(mesh, "pp", "gpipe", "one_pass", opt_kwargs=lambda pipe: dict(backend=LocalBackend()))
     out["counted_twice"] = P.measure(mesh, "pp_ddp", "gpipe", "one_pass", opt_kwargs=lambda pipe: dict(
         backend=PipelineBackend(ReplicasAsShards(mesh.dp_group), mesh.pp_group)))
@@ -146,6 +147,14 @@ def test_ddp_stage_without_model_reduces_over_the_pipeline_only(runs):
             f"PipelineBackend(group_ranks={runs[r]['mesh']['pp_ranks']},")
 
 
+@pytest.mark.parametrize("check", C.EQUIVALENCE_CHECKS)
+def test_stages_with_different_param_groups(runs, check):
+    # stage 0 has 3 param groups, stage 1 has 2, the first without the ascent (rho = 0): the one
+    # all-reduce carries [Σ sumsq, flag] whatever the groups, and the norm is over the rho > 0 groups
+    assert sorted({runs[r]["uneven_groups"]["n_groups"] for r in runs}) == [2, 3]
+    C.assert_on_every_rank(runs, "uneven_groups", C.EQUIVALENCE_CHECKS[check])
+
+
 def test_param_without_gradient_gets_no_state(runs):
     for r in runs:
         for case in CASES:
@@ -190,7 +199,6 @@ def test_two_pass_through_step_closure(runs):
     ("union_not_world", "make 2 ranks, not the world .*pass process_group="),
 ])
 def test_wrong_setups_raise(runs, case, match):
-    import re
     for r in runs:
         err = runs[r]["errors"][case]
         assert err is not None and re.search(match, err), (r, err)

@@ -28,8 +28,8 @@ the local sums of squares add up; ``model=`` (the wrapped model) lets the FSDP b
 their modules without searching. With ``pipeline_group=`` the back end is chosen for the
 stage's params alone (``process_group=`` then names the group of the one all-reduce over all
 stages, see :mod:`~.pipeline`); an engine back end whose constructor takes ``pipeline_group=``
-itself gets it (its shares already span the stages). Adding an engine: one file with a :class:`Backend` subclass
-and one row here. The optimizer applies the rule again whenever the params it holds change
+itself gets it (its shares already span the stages). Adding an engine: one file with a
+:class:`Backend` subclass and one row here. The optimizer applies the rule again whenever the params it holds change
 identity or kind (late binding, ``AdamWMSAMScheduleFree._binding``); a given ``backend=`` is never
 re-resolved.
 """
