@@ -171,12 +171,12 @@ def collectives(mesh: Mesh, layout: str, schedule: str) -> Dict[str, dict]:
     """:func:`tests.sharded_common.measure_collectives` on fresh pipelines of ``layout``."""
     pipes: Dict[int, Pipeline] = {}
 
-    def make():
+    def setup():
         pipe = Pipeline(mesh, layout, schedule, make_full(seed=5))
         pipes[id(pipe.module)] = pipe
         return pipe.module, pipe.loop_kwargs()
     out = C.measure_collectives(layout, dist.get_rank(), dist.get_world_size(), dp_rank=mesh.dp_rank(layout),
-                                dp_size=mesh.dp_size(layout), make=make,
+                                dp_size=mesh.dp_size(layout), setup=setup,
                                 opt_kwargs=lambda module: default_kwargs(pipes[id(module)]))
     for m in out.values():
         m["stats_shape"] = (2,)   # [Σ_g sumsq_g, flag]: see sharded_msam_sf.backends.pipeline

@@ -398,21 +398,21 @@ def measure_bf16(engine: str, rank: int, world_size: int, *, steps: int = 6, swi
 
 
 def measure_collectives(engine: str, rank: int, world_size: int, *, steps: int = 3, dp_rank=None, dp_size=None,
-                        opt_kwargs=None, pass_model: bool = False, make: Optional[Callable] = None) -> dict:
+                        opt_kwargs=None, pass_model: bool = False, setup: Optional[Callable] = None) -> dict:
     """Per mode: the collectives of ours (issued from inside the package) over ``steps`` steps,
     all collectives of ours and of torch.optim.AdamW in the same loop, and the collectives of
-    eval()/train()/eval(); for :func:`check_collectives`. ``make()`` (default: ``engine``'s
+    eval()/train()/eval(); for :func:`check_collectives`. ``setup()`` (default: ``engine``'s
     wrapped model) gives a fresh ``(model, run_loop keyword arguments)`` for each optimizer;
     ``opt_kwargs`` may be a function of that model."""
     from sharded_msam_sf.comm_count import CommCounter
     dp_rank = rank if dp_rank is None else dp_rank
     dp_size = world_size if dp_size is None else dp_size
-    make = make or (lambda: (wrap(engine, make_model(seed=5)), {}))
+    setup = setup or (lambda: (wrap(engine, make_model(seed=5)), {}))
     out = {}
     for mode in ("one_pass", "two_pass"):
         m = out[mode] = {"steps": steps}
         for which in ("ours", "adamw"):
-            model, loop_kw = make()
+            model, loop_kw = setup()
             if which == "ours":
                 kw = opt_kwargs(model) if callable(opt_kwargs) else opt_kwargs
                 extra = dict(kw or {}, **({"model": model} if pass_model else {}))
