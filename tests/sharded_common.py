@@ -416,12 +416,12 @@ def measure_collectives(engine: str, rank: int, world_size: int, *, steps: int =
     from sharded_msam_sf.comm_count import CommCounter
     dp_rank = rank if dp_rank is None else dp_rank
     dp_size = world_size if dp_size is None else dp_size
-    setup = setup or (lambda: (wrap(engine, make_model(seed=5)), {}))
+    setup = setup or (lambda: ((wrapper or wrap)(engine, (make or make_model)(seed=5)), {}))
     out = {}
     for mode in ("one_pass", "two_pass"):
         m = out[mode] = {"steps": steps}
         for which in ("ours", "adamw"):
-            model, loop_kw = setup() if setup else ((wrapper or wrap)(engine, (make or make_model)(seed=5)), {})
+            model, loop_kw = setup()
             if which == "ours":
                 kw = opt_kwargs(model) if callable(opt_kwargs) else opt_kwargs
                 extra = dict(kw or {}, **({"model": model} if pass_model else {}))
