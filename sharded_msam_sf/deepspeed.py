@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from .backends.zero import DeepSpeedBackend, ZeroDriver, bind, full_fp32_state_dict, wrapper_classes
+from .backends.zero_parallel import refuse_pipeline_two_pass
 from .config import ConfigError, is_our_optimizer, optimizer_kwargs_from_config
 from .deepspeed_config import check_deepspeed_config, client_config, load_deepspeed_config
 from .optimizer import AdamWMSAMScheduleFree
@@ -113,6 +114,7 @@ def initialize(model: torch.nn.Module = None,
         init_distributed(dist_backend)
         return deepspeed.initialize(model=model, model_parameters=model_parameters, config=ds, **kwargs)
     opt_kwargs = optimizer_kwargs_from_config(section)
+    refuse_pipeline_two_pass(model, [opt_kwargs.get("sam_mode", "one_pass")])
     check_deepspeed_config(ds, opt_kwargs.get("sam_mode", "one_pass"))
 
     import deepspeed
