@@ -29,6 +29,8 @@ TOL = 1e-5
 PP = 2
 PP_CASES = ["initialize/one_pass", "attach/one_pass"]
 MUTANTS = ["tied_counted_twice", "stage_local_norm"]
+# bf16 with fp32 gradient accumulation: the pipeline runs DeepSpeed's BF16_Optimizer (ZeRO-1)
+BF16 = "bf16opt/one_pass"
 
 
 class Head(torch.nn.Module):
@@ -92,7 +94,8 @@ def _data(engine, k):
     dp, rank = engine.grid.get_data_parallel_world_size(), engine.grid.get_data_parallel_rank()
     x, y = S.batch(k)
     per, micro = S.GLOBAL_BATCH // dp, S.GLOBAL_BATCH // dp // GAS
-    xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+    dtype = next(engine.module.parameters()).dtype
+    xs, ys = x[rank * per:(rank + 1) * per].to(dtype), y[rank * per:(rank + 1) * per]
     return iter([(xs[j * micro:(j + 1) * micro], ys[j * micro:(j + 1) * micro]) for j in range(GAS)])
 
 
@@ -114,8 +117,9 @@ def _ranks(rank, world, rec):
     dp = world // PP
     ref = S.reference_run(STEPS, "one_pass", make=make_ref)
 
-    def build(route, mode="one_pass"):
-        cfg = S.ds_config(1, "fp32", mode, gas=GAS if mode == "one_pass" else 1, world=dp)  # two_pass: gas 1
+    def build(route, mode="one_pass", dtype="fp32"):
+        cfg = S.ds_config(1, dtype, mode, gas=GAS if mode == "one_pass" else 1, world=dp,  # two_pass: gas 1
+                          bf16_optimizer=dtype == "bf16")
         pipe = make_pipe()
         if route == "initialize":
             engine, opt, _, _ = initialize(model=pipe, model_parameters=S.param_groups(pipe), config=cfg)
@@ -156,6 +160,19 @@ def _ranks(rank, world, rec):
             finally:
                 engine.destroy()
 
+    def bf16(name):
+        """The BF16_Optimizer's flat partitions: the one-pass scale is −ρ/||m|| with ||m|| taken
+        param by param from the full optimizer states (the tied weight once: on its first stage)."""
+        engine, opt = build("initialize", dtype="bf16")
+        try:
+            opt.train()
+            for k in range(STEPS):
+                engine.train_batch(data_iter=_data(engine, k))
+            rec(name, kind=opt.kind, scales=[g["ascent_scale"] for g in opt.param_groups],
+                expected_scale=-opt.param_groups[0]["rho"] / _param_by_param_norm(engine))
+        finally:
+            engine.destroy()
+
     def two_pass_refused(name):
         try:
             build("initialize", "two_pass")
@@ -174,11 +191,25 @@ def _ranks(rank, world, rec):
     for case in MUTANTS:
         rec.case(case, lambda: run(case, "initialize", mutant=case))
     rec.case("two_pass_refused", lambda: two_pass_refused("two_pass_refused"))
+    rec.case(BF16, lambda: bf16(BF16))
+
+
+def _param_by_param_norm(engine):
+    """||m|| from each param's full m (DeepSpeed's ``safe_get_full_optimizer_state``), summed over
+    the stages, each tied weight counted on its first stage only (DeepSpeed's ``ds_pipe_replicated``)."""
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_optimizer_state
+    sq = sum(float(safe_get_full_optimizer_state(p, "exp_avg").double().pow(2).sum())
+             for p in engine.module.parameters() if p.requires_grad and not getattr(p, "ds_pipe_replicated", False))
+    t = torch.tensor([sq if engine.grid.get_data_parallel_rank() == 0 else 0.0], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.sqrt())
 
 
 @pytest.fixture(scope="module", params=[PP, 2 * PP], ids=["pp2", "pp2xdp2"])
 def results(request, tmp_path_factory):
-    return request.param, S.run_cases(_ranks, tmp_path_factory.mktemp(f"ds_pipe{request.param}"), world=request.param)
+    return request.param, S.run_cases(_ranks, tmp_path_factory.mktemp(f"ds_pipe{request.param}"), world=request.param,
+                                          timeout=300)
 
 
 @pytest.mark.parametrize("case", PP_CASES)
@@ -210,6 +241,14 @@ def test_wrong_count_leaves_reference(results, mutant):
     _, runs = results
     for v in S.case_values(runs, mutant):
         assert v["vs_reference"] > 10 * TOL, v
+
+
+def test_bf16_optimizer_scale_uses_the_global_norm(results):
+    _, runs = results
+    for v in S.case_values(runs, BF16):
+        assert v["kind"] == "bf16", v
+        for s in v["scales"]:
+            assert s == pytest.approx(v["expected_scale"], rel=1e-6), v
 
 
 def test_two_pass_refused(results):
