@@ -223,7 +223,7 @@ def _global_norm(opt, mesh):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return S.run_cases(_ranks, tmp_path_factory.mktemp("ds_tp"), world=TP * DP)
+    return S.run_cases(_ranks, tmp_path_factory.mktemp("ds_tp"), world=TP * DP, timeout=300)
 
 
 @pytest.mark.parametrize("case", list(CASES) + [CLIPPED])

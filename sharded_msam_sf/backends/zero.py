@@ -54,6 +54,10 @@ hooks).
   ``update_lp_params()`` (DeepSpeed's own, after a universal checkpoint load); ZeRO-3 as its
   checkpoint load does, ``checkpoint_event_prologue()``,
   ``_reassign_or_swap_out_partitioned_parameters(s)``, ``checkpoint_event_epilogue()``.
+- Tensor/pipeline parallelism (:mod:`.zero_parallel`): read, the engine's (or the ZeRO wrapper's)
+  ``mpu`` (a PipelineEngine's grid), each bit16 param's ``_hp_mapping.get_hp_fragment_address()``
+  (ZeRO-1/2, BF16: ``bit16_groups`` / ``bf16_groups``), ZeRO-3 ``p.partition_numel()``, and
+  ``PipelineModule.tied_comms``; :class:`DeepSpeedBackend` then reduces over the world, weighted.
 - ZeRO-3 empties ``param_groups[i]['params']`` between steps: they are filled for a call
   out of the step with ``_set_fp32_optimizer_param_groups()`` /
   ``_clear_fp32_optimizer_param_groups()``, as its ``state_dict()`` does.
