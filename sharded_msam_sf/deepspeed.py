@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from .backends.zero import DeepSpeedBackend, ZeroDriver, bind, full_fp32_state_dict, wrapper_classes
+from .backends.zero_parallel import refuse_pipeline_two_pass
 from .config import ConfigError, grouping_from_config, is_our_optimizer, optimizer_kwargs_from_config
 from .decay_groups import decay_groups
 from .deepspeed_config import check_deepspeed_config, client_config, load_deepspeed_config
@@ -118,6 +119,7 @@ def initialize(model: torch.nn.Module = None,
         init_distributed(dist_backend)
         return deepspeed.initialize(model=model, model_parameters=model_parameters, config=ds, **kwargs)
     opt_kwargs = optimizer_kwargs_from_config(section, grouping=True)
+    refuse_pipeline_two_pass(model, [opt_kwargs.get("sam_mode", "one_pass")])
     check_deepspeed_config(ds, opt_kwargs.get("sam_mode", "one_pass"))
 
     import deepspeed
