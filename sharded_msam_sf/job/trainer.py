@@ -13,6 +13,7 @@ from .checkpoint import (CheckpointError, Checkpointer, StopSignal, acquire_run_
                          export_weights, plan_resume, record_run_id)
 from .config import JobConfig
 from .data import Batches, Corpus
+from .universal import check_convert_allowed, needs_universal, prepare_universal
 from .progress import Progress, TensorBoard, optimizer_scalars, peak_memory_mib, plot_losses
 
 
@@ -67,16 +68,18 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
     resume_from, state = plan.path, plan.state
     notes = list(plan.notes)
     if resume_from is not None:
-        applied = check_config_change(state["config"], cfg, resume_from)
+        convert = needs_universal(cfg, env.world_size, state)  # DeepSpeed, another world size or ZeRO stage
+        if convert:
+            check_convert_allowed(cfg, env.world_size, resume_from, state)
+        applied = check_config_change(state["config"], cfg, resume_from,
+                                      allow=("engine.zero_stage",) if convert else ())
         notes += [f"config changed since {resume_from.name} (applied): {line}" for line in applied]
-        saved_world = state.get("world_size", env.world_size)
-        if cfg.engine.name == "deepspeed" and saved_world != env.world_size:
-            raise CheckpointError(
-                f"{resume_from} was written by {saved_world} ranks and this run has {env.world_size}: resuming a "
-                "DeepSpeed checkpoint on another world size is not supported yet. Relaunch with the original "
-                f"world size ({saved_world} ranks), or train with engine.name fsdp2 or ddp, whose checkpoints "
-                "reshard to any world size")
-        engine.load(resume_from)
+        if convert:
+            universal, note = prepare_universal(cfg, resume_from, env.rank, env.world_size)
+            notes.append(note)
+            engine.load_universal(universal)
+        else:
+            engine.load(resume_from)
         step = state["step"]
     record_run_id(plan.run_id, env.rank)
     tokens_per_step = cfg.train.global_batch_size * cfg.model.block_size
