@@ -44,7 +44,7 @@ def _uninterrupted(rank, world, out, mode):
 
 def _resumed(rank, world, out, mode):
     """Every (source, target) pair resumed at 1 rank; then DeepSpeed's own ZeRO-3 loader on the output."""
-    from sharded_msam_sf.backends.zero_universal import load_universal
+    from sharded_msam_sf.deepspeed import load_universal
     got = {}
     for source in SOURCES:
         for target in TARGETS:

@@ -262,7 +262,8 @@ class DeepSpeedEngine:
 
     def load_universal(self, path: Path) -> None:
         """A universal checkpoint of another world size or ZeRO stage (sharded_msam_sf.job.universal)."""
-        from ..backends.zero_universal import UniversalCheckpointError, load_universal
+        from ..backends.zero import load_universal
+        from ..backends.zero_universal import UniversalCheckpointError
         from .checkpoint import CheckpointError
         try:
             load_universal(self.model, path)
