@@ -3,7 +3,8 @@ checkpoint (``checkpoint.convert``, sharded_msam_sf.job.universal): a 2-rank ZeR
 resumed at 1 rank (ZeRO-2), at 4 ranks (ZeRO-1) and at 2 ranks with ZeRO-3, equals the uninterrupted 2-rank
 run (the same global batch: the job's batches depend on the step only) at step 4 within fp32 round-off of the
 different reductions; the same for a bf16 run resumed at 1 rank, against the uninterrupted bf16 run. With
-checkpoint.convert=never the resume is refused, naming the command. Measured values are printed (and in
+checkpoint.convert=never the resume is refused, naming the command; a relaunch at the same shape
+reuses the verified conversion. Measured values are printed (and in
 docs/checkpoints.md)."""
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ TOL = 1e-6
 # bf16 with fp32 gradient accumulation and reduction: each micro-batch's bf16 forward/backward is the same at
 # any world size, so the runs differ by fp32 round-off; with DeepSpeed's default bf16 reductions the world size
 # alone moves x by ~4e-5 (uninterrupted 1 rank vs 2 ranks, measured: docs/checkpoints.md)
+ZERO3 = ('engine.deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0}}',)  # all partitioned
 BF16 = ('engine.deepspeed={"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}',)
 
 
@@ -45,9 +47,15 @@ def _max_diff(a, b) -> float:
 @pytest.mark.parametrize("nproc, stage, dtype", [(1, 2, "fp32"), (4, 1, "fp32"), (2, 3, "fp32"), (1, 2, "bf16")],
                          ids=["2to1-zero2", "2to4-zero1", "2to2-zero3", "2to1-zero2-bf16"])
 def test_resume_through_universal_equals_uninterrupted(full, tmp_path, nproc, stage, dtype):
-    proc = _resume(full[dtype], tmp_path, nproc, f"engine.zero_stage={stage}", f"engine.dtype={dtype}",
-                   *(BF16 if dtype == "bf16" else ()))
-    assert "into the universal checkpoint" in proc.stderr and "at step 2" in proc.stderr
+    shape = (f"engine.zero_stage={stage}", f"engine.dtype={dtype}", *(BF16 if dtype == "bf16" else ()),
+             *(ZERO3 if stage == 3 else ()))
+    reuse = nproc == 1 and dtype == "fp32"
+    if reuse:  # preempted before its first checkpoint: the relaunch at the same shape reuses the conversion
+        proc = _resume(full[dtype], tmp_path, nproc, *shape, "train.max_steps=2")
+        assert "into the universal checkpoint" in proc.stderr
+    proc = _resume(full[dtype], tmp_path, nproc, *shape)
+    assert ("(converted earlier)" if reuse else "into the universal checkpoint") in proc.stderr
+    assert "at step 2" in proc.stderr
     universal = tmp_path / "universal" / "step_000002"
     assert (universal / "manifest.json").is_file() and list(universal.glob("zero/*/z.pt"))
     dx = _max_diff(exported(full[dtype])["model"], exported(tmp_path)["model"])

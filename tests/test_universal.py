@@ -48,7 +48,11 @@ def _resumed(rank, world, out, mode):
     got = {}
     for source in SOURCES:
         for target in TARGETS:
-            engine, opt = make_engine(ds_config(target, sam_mode=mode, world=world), seed=7)  # other initial weights
+            # other initial weights; ZeRO-3 with sub-groups that split the param groups, every param partitioned
+            z3 = target == 3
+            cfg = ds_config(target, sam_mode=mode, world=world, sub_group_size=40 if z3 else None,
+                            persistence_threshold=0 if z3 else None)
+            engine, opt = make_engine(cfg, seed=7)
             load_universal(engine, f"{out}/universal_z{source}")
             saved = _groups(opt)
             ds_train(engine, opt, STEPS, mode, start=SAVE)

@@ -700,7 +700,8 @@ def record_run_id(run_id: str, rank: int) -> None:
 REFUSED_CHANGES = ("engine.name", "engine.zero_stage", "engine.dtype", "model", "optimizer", "train.seed",
                    "train.global_batch_size", "data.dtype", "data.val_fraction", "data.corpus_max_bytes")
 # keys that may differ without a word (where the run is and how it is shown)
-_SILENT = ("log.out_dir", "checkpoint.resume", "checkpoint.convert", "log.progress", "log.plot", "log.tensorboard", "engine.device", "engine.backend")
+_SILENT = ("log.out_dir", "checkpoint.resume", "checkpoint.convert", "log.progress", "log.plot", "log.tensorboard",
+           "engine.device", "engine.backend")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (CheckpointError, Checkpointer, StopSignal, acquire_run_lock, check_config_change,
+from .checkpoint import (Checkpointer, StopSignal, acquire_run_lock, check_config_change,
                          export_weights, plan_resume, record_run_id)
 from .config import JobConfig
 from .data import Batches, Corpus
-from .universal import check_convert_allowed, needs_universal, prepare_universal
 from .progress import Progress, TensorBoard, optimizer_scalars, peak_memory_mib, plot_losses
+from .universal import check_convert_allowed, needs_universal, prepare_universal
 
 
 class Interrupted(Exception):
