@@ -208,8 +208,9 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
             progress.message("loss curve skipped: matplotlib is not installed (pip install matplotlib)")
         mem = "/".join(f"{p:.0f}" for p in peaks)
         kind = "GPU" if env.device.type == "cuda" else "RSS"
+        val = "n/a" if val_loss is None else f"{val_loss:.4f}"  # none: resumed at max_steps, eval.interval 0
         progress.message(
-            f"done: step {step} | train loss {train_loss:.4f} | val loss {val_loss:.4f} "
+            f"done: step {step} | train loss {train_loss:.4f} | val loss {val} "
             f"(unigram baseline {baseline:.4f}) | {progress.tokens_per_s():,.0f} tok/s | "
             f"peak {kind} MiB per rank {mem}")
     return summary
