@@ -29,6 +29,13 @@ the loss scaler (``_load_global_state_stage3``); the engine's ``global_steps``, 
 (``checkpoint_event_prologue``, ``_reassign_or_swap_out_partitioned_parameters(s)``,
 ``checkpoint_event_epilogue``: what DeepSpeed's checkpoint load does).
 
+The DeepSpeed internals used: ``engine._config.load_universal_checkpoint`` (set for the call),
+``engine.global_steps``/``global_samples``/``skipped_steps``; of the ZeRO-3 optimizer
+``fp16_groups``, ``fp32_partitioned_groups_flat``, ``param_names``, ``load_hp_checkpoint_state``,
+``_load_global_state_stage3``, ``checkpoint_event_prologue``/``epilogue``,
+``_reassign_or_swap_out_partitioned_parameters``, ``swap_optimizer``/``offload_param``.
+Tested: ZeRO-1/2/3 targets of 1, 2 and 4 ranks, fp32 and bf16 (ZeRO-2); BF16_Optimizer and fp16 not.
+
 A universal checkpoint without ``z.pt`` (DeepSpeed's own ``ds_to_universal.py`` output) is refused:
 loading it would restart z from the params, a silently different run.
 """
@@ -99,7 +106,9 @@ def load_universal(engine: Any, path: os.PathLike | str) -> None:
     if len(global_sd["param_groups"]) != len(zero.optimizer.param_groups):
         raise UniversalCheckpointError(
             f"{path}: {len(global_sd['param_groups'])} param groups saved, the engine's optimizer has "
-            f"{len(zero.optimizer.param_groups)}: a checkpoint of another model or parameter grouping")
+            f"{len(zero.optimizer.param_groups)}: a checkpoint of another model or parameter grouping; build the "
+            f"engine with the model and param groups it was saved from (or convert that model's checkpoint with "
+            f"`{CONVERT_COMMAND}`)")
     if hasattr(zero, "fp32_partitioned_groups_flat"):
         _load_zero3(engine, path, global_sd)
     else:
@@ -123,11 +132,13 @@ def _load_deepspeed(engine: Any, path: Path) -> None:
     finally:
         cfg.load_universal_checkpoint = before
     if loaded is None:
-        raise UniversalCheckpointError(f"DeepSpeed could not load the universal checkpoint {path}")
+        raise UniversalCheckpointError(f"DeepSpeed could not load the universal checkpoint {path} (no "
+                                       f"mp_rank_*_model_states.pt?); write it again with `{CONVERT_COMMAND}`")
     missing = [i for i, g in enumerate(engine.optimizer.optimizer.param_groups)
                for p in g["params"] if "z" not in engine.optimizer.optimizer.state.get(p, {})]
     if missing:
-        raise UniversalCheckpointError(f"{path}: DeepSpeed's loader left group(s) {sorted(set(missing))} without z")
+        raise UniversalCheckpointError(f"{path}: DeepSpeed's loader left group(s) {sorted(set(missing))} without z; "
+                                       f"write it again with `{CONVERT_COMMAND}`")
 
 
 @torch.no_grad()
@@ -135,7 +146,9 @@ def _load_zero3(engine: Any, path: Path, global_sd: dict) -> None:
     zero = engine.optimizer
     if getattr(zero, "swap_optimizer", False) or getattr(zero, "offload_param", False):
         raise UniversalCheckpointError("ZeRO-3 with NVMe optimizer swapping or parameter offload: loading a "
-                                       "universal checkpoint is not supported; resume without them")
+                                       "universal checkpoint is not supported; resume without them (remove "
+                                       "zero_optimization.offload_param and offload_optimizer.device=nvme), or "
+                                       "under ZeRO-1/2")
     model_sd = _load(path / "mp_rank_00_model_states.pt")
     opt = zero.optimizer
     folder = path / "zero"

@@ -104,7 +104,9 @@ def prepare_universal(cfg, src: Path, rank: int, world: int) -> tuple[Path, str]
     seal(tmp, dest, state, rank, world, extra={"source": str(src), "source_run_id": source["run_id"]})
     problems = verify(dest, rank, world, "deepspeed")
     if problems:
-        raise CheckpointError(f"the universal checkpoint {dest} does not verify: " + "; ".join(problems[:3]))
+        raise CheckpointError(f"the universal checkpoint {dest} does not verify: " + "; ".join(problems[:3]) +
+                              f". Remove {dest} and relaunch (it is converted again), or convert it with "
+                              f"`{COMMAND} {src} OUT`")
     if rank == 0:
         for old in root.glob("step_*"):
             if old != dest:
