@@ -305,6 +305,19 @@ def shrink(cluster: Cluster, out: Path, name: str) -> tuple[Agent, int]:
     return a0, at
 
 
+def assert_equals_one_rank_resume(tmp_path: Path, out: Path, name: str, at: int) -> None:
+    """The rest of the shrunk run `out` equals a 1-rank run resumed from a copy of its step-`at` checkpoint,
+    bit for bit (losses and exported weights)."""
+    ctl = tmp_path / "ctl"
+    (ctl / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "checkpoints" / f"step_{at:06d}", ctl / "checkpoints" / f"step_{at:06d}")
+    one_node(tmp_path, "ctl", CONFIGS[name], LONG, nproc=1, extra=["--resume"])
+    losses, ctl_losses = train_losses(out), train_losses(ctl)
+    assert sorted(ctl_losses) == list(range(at + 1, 121))
+    assert {s: losses[s] for s in ctl_losses} == ctl_losses
+    assert_same_weights(out, ctl)
+
+
 def test_elastic_shrink_ddp_equals_uninterrupted(tmp_path, cluster, reference):
     """DDP, --nnodes 1:2, no replacement: node 0 goes on alone (world 2 -> 1, 2 accumulation steps instead
     of 1 rank each) and ends bit-identical to the uninterrupted 2-rank run: (g0 + g1) / 2 is the same
@@ -323,16 +336,7 @@ def test_elastic_shrink_fsdp2_reshards_exactly(tmp_path, cluster):
     name = "fsdp2"
     out = tmp_path / "run"
     _, at = shrink(cluster, out, name)
-    losses = train_losses(out)
-
-    ctl = tmp_path / "ctl"
-    (ctl / "checkpoints").mkdir(parents=True)
-    shutil.copytree(out / "checkpoints" / f"step_{at:06d}", ctl / "checkpoints" / f"step_{at:06d}")
-    one_node(tmp_path, "ctl", CONFIGS[name], LONG, nproc=1, extra=["--resume"])
-    ctl_losses = train_losses(ctl)
-    assert sorted(ctl_losses) == list(range(at + 1, 121))
-    assert {s: losses[s] for s in ctl_losses} == ctl_losses
-    assert_same_weights(out, ctl)
+    assert_equals_one_rank_resume(tmp_path, out, name, at)
 
     # the checkpoint of 2 ranks, loaded on 1 and saved again: every tensor unchanged
     src = out / "checkpoints" / f"step_{at:06d}"
@@ -360,12 +364,4 @@ def test_elastic_shrink_deepspeed_resumes_through_universal(tmp_path, cluster):
     a0, at = shrink(cluster, out, name)
     assert "into the universal checkpoint" in a0.text(), a0.text()[-6000:]
     assert (out / "universal" / f"step_{at:06d}" / "manifest.json").is_file()
-
-    ctl = tmp_path / "ctl"
-    (ctl / "checkpoints").mkdir(parents=True)
-    shutil.copytree(out / "checkpoints" / f"step_{at:06d}", ctl / "checkpoints" / f"step_{at:06d}")
-    one_node(tmp_path, "ctl", CONFIGS[name], LONG, nproc=1, extra=["--resume"])
-    ctl_losses = train_losses(ctl)
-    assert sorted(ctl_losses) == list(range(at + 1, 121))
-    assert {s: train_losses(out)[s] for s in ctl_losses} == ctl_losses
-    assert_same_weights(out, ctl)
+    assert_equals_one_rank_resume(tmp_path, out, name, at)
