@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "sharded_msam_sf"
 LAYERS = [
     (0, ("kernels", "hyperparams", "teardown", "launch_env", "comm_count")),          # the math, the rules, the process
     (1, ("reference", "backends", "backends.pipeline", "config", "jsonfile", "local_ranks", "weights_io",
-         "decay_groups")),                                                              # oracle, engines, schemas
+         "decay_groups", "backends.zero_universal")),                                   # oracle, engines, schemas
     (2, ("optimizer",)),                                                                # the optimizer
     (3, ("deepspeed", "deepspeed_config", "analysis")),                                # engine glue, analysis
     (4, ("integrations",)),                                                             # HF, Lightning

@@ -85,7 +85,9 @@ hooks).
   wrapper they hold) reach the engine's weights; ``_msam_facade`` on the wrapper keeps the facade.
 
 Also here: :func:`gathered` (the one ZeRO-3 gather helper) and :func:`full_fp32_state_dict`
-(the one weight export).
+(the one weight export). Universal checkpoints (another world size or ZeRO stage, with z and every
+group's counters): :func:`load_universal`, in :mod:`sharded_msam_sf.backends.zero_universal`, which
+lists the DeepSpeed internals that load uses.
 """
 from __future__ import annotations
 
@@ -100,12 +102,13 @@ from torch import Tensor
 
 from .base import Backend, Reduction
 from .zero_parallel import flat_pieces, parallel_layout, refuse_pipeline_two_pass
+from .zero_universal import load_universal
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..optimizer import AdamWMSAMScheduleFree
 
 __all__ = ["DeepSpeedBackend", "ZeroDriver", "bind", "gathered", "full_fp32_state_dict", "wrapper_classes",
-           "unbound_zero_wrapper", "refuse_unbound_zero"]
+           "unbound_zero_wrapper", "refuse_unbound_zero", "load_universal"]
 
 OVERFLOW_REASON = "DeepSpeed found a non-finite gradient (fp16: the loss scale drops) and skipped the step"
 
