@@ -4,19 +4,21 @@
 DeepSpeed's converter (``deepspeed.checkpoint.ds_to_universal``) writes one folder per param with
 ``fp32.pt``, ``exp_avg.pt`` and ``exp_avg_sq.pt`` (the Adam keys are hard-coded) and
 ``zero/optimizer_state.pt`` with the param groups (where our counters live: ``k``, ``weight_sum``,
-``lr_max``, ``train_mode``, ``at_ascent``, ``ascent_scale``, ...). Its loader is generic: it loads every
-``<key>.pt`` of a param folder into the optimizer state, and copies the param groups. The one thing
-missing is ``z``. This runs DeepSpeed's converter twice, the second time on a staging copy whose optimizer
-files carry ``z`` under the key ``exp_avg``, and moves that run's ``exp_avg.pt`` files in as ``z.pt``:
-DeepSpeed's converter, unchanged, does all the slicing and merging.
+``lr_max``, ``train_mode``, ``at_ascent``, ``ascent_scale``, ...). The one thing missing is ``z``.
+This runs DeepSpeed's converter twice, the second time on a staging copy whose optimizer files carry
+``z`` under the key ``exp_avg``, and moves that run's ``exp_avg.pt`` files in as ``z.pt``: DeepSpeed's
+converter, unchanged, does all the slicing and merging (ZeRO-1/2 and ZeRO-3 sources alike).
 
-Sources: ZeRO-1/2 checkpoints of any world size (ZeRO-3 is refused: see below).
-Targets: ZeRO-1 and ZeRO-2 at any world size (``"checkpoint": {"load_universal": true}``; measured: a
-2-rank ZeRO-2 run resumed at 1 rank equals the uninterrupted run within 3e-8, one_pass and two_pass: fp32
-round-off of the different reduction). Not ZeRO-3: DeepSpeed's ZeRO-3 universal loader hard-codes
-``fp32``, ``exp_avg``, ``exp_avg_sq`` and would drop z, so the output is made unloadable by a ZeRO-3 engine (it fails at
-``load_checkpoint``) rather than resume on a wrong trajectory; and a ZeRO-3 source is refused (its
-universal output would need the module weights rebuilt for a ZeRO-1/2 engine, not done here).
+Sources: ZeRO-1/2/3 checkpoints of any world size, fp32 or bf16 (the fp32 masters are converted).
+Targets: ZeRO-1/2/3 at any world size, loaded with
+:func:`sharded_msam_sf.backends.zero_universal.load_universal` (the main job does this itself when
+it resumes a DeepSpeed checkpoint on another world size or ZeRO stage). ZeRO-1/2 engines may also use
+DeepSpeed's own ``"checkpoint": {"load_universal": true}``. DeepSpeed's own ZeRO-3 universal loader
+would drop z and the counters of all groups but the first (see ``zero_universal``): the output is
+made unloadable by it (no ``optimizer_state_dict`` in ``zero/optimizer_state.pt``, no ZeRO-3
+model-state file), so it fails at ``load_checkpoint`` instead of resuming on a wrong trajectory.
+The model-state file a ZeRO-1/2 engine reads (``mp_rank_00_model_states.pt``: the step counters) is
+written from rank 0's ZeRO-3 file for ZeRO-3 sources.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from typing import List, Optional
 
 import torch
 
-from .export import ExportError, _ds_files, load_file, resolve, verify_manifest
+from .export import ExportError, _ds_files, _natural, load_file, resolve, verify_manifest
 from .weights_io import replace_dir
 
 __all__ = ["to_universal", "main"]
@@ -67,35 +69,47 @@ def _stage_z(ckpt: Path, optim: List[Path], stage_dir: Path) -> None:
         torch.save(sd, stage_dir / f.name)
 
 
-def _refuse_zero3_targets(out: Path) -> None:
-    """DeepSpeed's ZeRO-3 universal loader (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) loads
-    only ``fp32``, ``exp_avg`` and ``exp_avg_sq`` and the first param group: it would drop z (our optimizer
-    would then start z afresh from the params: a silent wrong trajectory). It reads the Adam state under
-    ``optimizer_state.pt['optimizer_state_dict']``, which the ZeRO-1/2 loader never reads: without that
-    key a ZeRO-3 engine fails to load the checkpoint instead; and the ZeRO-3 engine finds no model states
-    (it looks for ``zero_pp_rank_0_mp_rank_*_model_states.pt``, which the converter does not write)."""
+def _shape_zero3_files(out: Path, param_shapes: List[dict]) -> None:
+    """DeepSpeed's ZeRO-3 merge saves each state as a bare flat tensor, its ZeRO-1/2 merge as
+    ``{"param": tensor of the param's shape}``, which is what the ZeRO-1/2 loader reads (and the ZeRO-3
+    one too): rewrite the ZeRO-3 ones so (the shapes from the source's model-state file)."""
+    shapes = {name: shape for group in param_shapes for name, shape in group.items()}
+    for name, shape in shapes.items():
+        for f in (out / "zero" / name).glob("*.pt"):
+            t = torch.load(f, map_location="cpu", weights_only=True)
+            if torch.is_tensor(t) and t.dim() == 1 and f.stem != "step":
+                torch.save({"param": t.view(shape)}, f)
+
+
+def _fence_deepspeed_zero3_loader(out: Path) -> None:
+    """Make the output unloadable by DeepSpeed's own ZeRO-3 universal loader, which would drop z
+    (``load_hp_checkpoint_state_from_checkpoint_dir_stage3`` reads only fp32/exp_avg/exp_avg_sq, and
+    ``optimizer_state.pt['optimizer_state_dict']``, which the ZeRO-1/2 loader never reads, and finds the
+    engine's ``zero_pp_rank_0_mp_rank_*_model_states.pt``, which is removed). A ZeRO-3 source's rank-0
+    model-state file becomes ``mp_rank_00_model_states.pt`` (what ZeRO-1/2 engines and our loader read);
+    its optimizer file's partitions (``fp32_flat_groups``), copied by the converter, are dropped."""
+    zero3 = sorted(out.glob("zero_pp_rank_*_mp_rank_*_model_states.pt"), key=_natural)
+    if zero3 and not (out / "mp_rank_00_model_states.pt").exists():
+        _shape_zero3_files(out, load_file(zero3[0])["param_shapes"])
+        os.replace(zero3[0], out / "mp_rank_00_model_states.pt")
     f = out / "zero" / "optimizer_state.pt"
     sd = torch.load(f, map_location="cpu", weights_only=False)  # written just now by DeepSpeed's converter
-    if isinstance(sd, dict) and "optimizer_state_dict" in sd:
-        del sd["optimizer_state_dict"]
+    if isinstance(sd, dict) and ("optimizer_state_dict" in sd or "fp32_flat_groups" in sd):
+        sd.pop("optimizer_state_dict", None)
+        sd.pop("fp32_flat_groups", None)
+        # ZeRO-1/2's loader asserts on a version, which ZeRO-3 keeps in the model-state file only
+        sd.setdefault("ds_version", load_file(out / "mp_rank_00_model_states.pt", mmap=True).get("ds_version"))
         torch.save(sd, f)
     for stale in out.glob("zero_pp_rank_*_model_states.pt"):
         stale.unlink()
 
 
 def to_universal(ckpt: os.PathLike | str, out: os.PathLike | str, workers: int = 1) -> Path:
-    """Convert a DeepSpeed ZeRO-1/2 checkpoint (any world size; ZeRO-3 is refused) into DeepSpeed's universal
-    format with ``z`` (see the module docstring); ``out`` is written under a temporary name and renamed at
-    the end."""
+    """Convert a DeepSpeed ZeRO-1/2/3 checkpoint (any world size) into DeepSpeed's universal format with ``z``
+    (see the module docstring); ``out`` is written under a temporary name and renamed at the end."""
     path = resolve(Path(ckpt))
     verify_manifest(path)
     optim, _ = _ds_files(path)
-    osd = load_file(optim[0], mmap=True).get("optimizer_state_dict", {})
-    if int(osd.get("zero_stage", 0)) == 3:
-        raise ExportError(f"{path} is a ZeRO-3 checkpoint: converting it to a universal checkpoint with z is not "
-                          "supported (DeepSpeed's ZeRO-3 universal path hard-codes fp32/exp_avg/exp_avg_sq and would "
-                          "drop z). Resume it at its original world size; `python -m sharded_msam_sf.export` gives "
-                          "its x weights")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.with_name(f".tmp-{out.name}-{uuid.uuid4().hex[:8]}")
@@ -116,7 +130,7 @@ def to_universal(ckpt: os.PathLike | str, out: os.PathLike | str, workers: int =
                 moved += 1
         if not moved:
             raise ExportError(f"{path}: DeepSpeed's converter wrote no optimizer state: saved without it?")
-        _refuse_zero3_targets(main_out)
+        _fence_deepspeed_zero3_loader(main_out)
         replace_dir(main_out, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)

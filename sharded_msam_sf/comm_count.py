@@ -105,6 +105,7 @@ class CommCounter:
         self.counting = True
         self.records: List[Call] = []
         self._saved: List[Tuple[Any, str, Callable]] = []
+        self._wrappers: Dict[int, Callable] = {}
         self._local = threading.local()
 
     # ------------------------------------------------------------------ counting
@@ -156,7 +157,12 @@ class CommCounter:
         if fn is None or not callable(fn):
             return
         self._saved.append((obj, attr, fn))
-        setattr(obj, attr, self._wrap(name, getattr(fn, "__comm_count_original__", fn)))
+        original = getattr(fn, "__comm_count_original__", fn)
+        # one wrapper per function, wherever it is reached from: torch compares them (P2POp's op must
+        # be torch.distributed.isend / irecv, checked against distributed_c10d's own)
+        if id(original) not in self._wrappers:
+            self._wrappers[id(original)] = self._wrap(name, original)
+        setattr(obj, attr, self._wrappers[id(original)])
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> "CommCounter":
@@ -184,3 +190,4 @@ class CommCounter:
         for obj, attr, fn in reversed(self._saved):
             setattr(obj, attr, fn)
         self._saved.clear()
+        self._wrappers.clear()

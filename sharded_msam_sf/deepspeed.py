@@ -32,6 +32,10 @@ stays the step. two_pass::
     optimizer.move_from_ascent()
     engine.step()
 
+Checkpoints: ``engine.save_checkpoint``/``load_checkpoint`` at the same world size and ZeRO stage; at
+another, convert with ``python -m sharded_msam_sf.checkpoint to-universal CKPT OUT`` and load with
+:func:`load_universal` ``(engine, OUT)`` (ZeRO-1/2/3; docs/checkpoints.md).
+
 An engine built by someone else around our optimizer (``deepspeed.initialize(...,
 optimizer=AdamWMSAMScheduleFree(params))``: HF Trainer, Accelerate, Lightning)::
 
@@ -52,7 +56,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 import torch
 import torch.distributed as dist
 
-from .backends.zero import DeepSpeedBackend, ZeroDriver, bind, full_fp32_state_dict, wrapper_classes
+from .backends.zero import DeepSpeedBackend, ZeroDriver, bind, full_fp32_state_dict, load_universal, wrapper_classes
+from .backends.zero_parallel import refuse_pipeline_two_pass
 from .config import ConfigError, grouping_from_config, is_our_optimizer, optimizer_kwargs_from_config
 from .decay_groups import decay_groups
 from .deepspeed_config import check_deepspeed_config, client_config, load_deepspeed_config
@@ -60,8 +65,7 @@ from .hyperparams import DEFAULTS
 from .optimizer import AdamWMSAMScheduleFree
 
 __all__ = ["initialize", "attach", "register", "unregister", "registered", "facade_of", "find_optimizer",
-           "init_distributed",
-           "DeepSpeedMSAMOptimizer", "ConfigError"]
+           "init_distributed", "DeepSpeedMSAMOptimizer", "ConfigError", "load_universal"]
 
 
 
@@ -118,6 +122,7 @@ def initialize(model: torch.nn.Module = None,
         init_distributed(dist_backend)
         return deepspeed.initialize(model=model, model_parameters=model_parameters, config=ds, **kwargs)
     opt_kwargs = optimizer_kwargs_from_config(section, grouping=True)
+    refuse_pipeline_two_pass(model, [opt_kwargs.get("sam_mode", "one_pass")])
     check_deepspeed_config(ds, opt_kwargs.get("sam_mode", "one_pass"))
 
     import deepspeed

@@ -40,6 +40,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .backends.zero_universal import deepspeed_safe_globals
 from .kernels import eager
 from .weights_io import HF_CONFIG_FILE, save_weights
 
@@ -82,27 +83,13 @@ def _check_state(state: Any, where: str) -> None:
 
 
 # ------------------------------------------------------------------ safe loading
-def _deepspeed_safe_globals() -> list:
-    out = []
-    with contextlib.suppress(ImportError):
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        out += [LossScaler, DynamicLossScaler]
-    with contextlib.suppress(ImportError):
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        out.append(ZeroStageEnum)
-    with contextlib.suppress(ImportError):
-        from deepspeed.utils.tensor_fragment import fragment_address
-        out.append(fragment_address)
-    return out
-
-
 def load_file(path: Path, mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)`` with DeepSpeed's checkpoint classes allow-listed; a clear error
     naming the file when it is missing, truncated, corrupt or holds code."""
     if not path.is_file():
         raise ExportError(f"checkpoint file not found: {path}")
     try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # RuntimeError / UnpicklingError / EOFError for bad files
         raise ExportError(f"cannot read checkpoint file {path} ({type(e).__name__}: {str(e)[:300]}); the file is "

@@ -94,9 +94,11 @@ class _Binding:
     at construction (``backend=``) or by :meth:`AdamWMSAMScheduleFree.bind_backend` is pinned, and
     so is an auto-detected DeepSpeed one (its engine driver binds to that instance)."""
 
-    def __init__(self, backend: Optional[Backend], process_group, model) -> None:
+    def __init__(self, backend: Optional[Backend], process_group, model, pipeline_group=None) -> None:
         self.backend, self.pinned = backend, backend is not None
         self.process_group = process_group
+        self.pipeline_group = pipeline_group
+        self.stages_checked = False  # check_stages ran for this binding (at its first gradient evaluation)
         # a weak reference: the optimizer must not keep a DDP/FSDP model (and its gloo work) alive
         self._model = weakref.ref(model) if model is not None else None
         self.key: Optional[tuple] = None
@@ -107,6 +109,18 @@ class _Binding:
 
     def pin(self, backend: Backend) -> None:
         self.backend, self.pinned = backend, True
+        self.stages_checked = False
+
+    def check_stages(self, opt: "AdamWMSAMScheduleFree") -> None:
+        """Once per binding: params of a multi-rank ``PipelineStage`` need ``pipeline_group=`` (else each
+        stage would use its own part of the norm); skipped for a back end pinned without it."""
+        if self.stages_checked:
+            return
+        self.stages_checked = True
+        if self.pinned and self.pipeline_group is None:
+            return
+        from .backends.pipeline import check_stages
+        check_stages([p for g in opt.param_groups for p in g["params"]], self.pipeline_group)
 
     def resolve(self, opt: "AdamWMSAMScheduleFree") -> Backend:
         if self.pinned:
@@ -117,8 +131,9 @@ class _Binding:
             return self.backend
         if self.key is not None:
             self._carry_state(opt, params)
-        backend = resolve_backend(params, process_group=self.process_group, model=self.model)
-        self.backend, self.key = backend, key
+        backend = resolve_backend(params, process_group=self.process_group, model=self.model,
+                                  pipeline_group=self.pipeline_group)
+        self.backend, self.key, self.stages_checked = backend, key, False
         if type(backend).__name__ == "DeepSpeedBackend":
             self.pinned = True
         return backend
@@ -187,6 +202,14 @@ class AdamWMSAMScheduleFree(Optimizer):
             (with plain params: all-reduce the stats over it, as for DDP).
         model: the wrapped model (DDP / FSDP1 / FSDP2), to find the engine's modules
             without searching (see :func:`~sharded_msam_sf.backends.resolve_backend`).
+        pipeline_group: under pipeline parallelism (``torch.distributed.pipelining``, one
+            optimizer per stage), the process group over this rank's pipeline stages
+            (``world_mesh["pp"].get_group()``, the group given to ``PipelineStage``); the norm
+            of m and the NaN flag then add up over all stages (one all-reduce per gradient
+            evaluation, :mod:`sharded_msam_sf.backends.pipeline`), and ``process_group``, if
+            given, is the group of that all-reduce. **Required** for a stage of a multi-rank
+            pipeline: without it each stage would scale its ascent by its own part of the norm
+            (raised for params of a live ``PipelineStage``, not detectable otherwise).
 
     Call ``train()`` before training and ``eval()`` before evaluating or saving
     weights for inference (the params then hold the averaged x).
@@ -212,6 +235,7 @@ class AdamWMSAMScheduleFree(Optimizer):
         state_dtype: Optional[torch.dtype] = H.DEFAULTS["state_dtype"],
         process_group=None,
         model: Optional[torch.nn.Module] = None,
+        pipeline_group=None,
     ) -> None:
         hyper = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
@@ -229,18 +253,19 @@ class AdamWMSAMScheduleFree(Optimizer):
         self._validated: Dict[int, tuple] = {}   # id(group) -> the hyperparameters last validated
         super().__init__(params, defaults)
         self._mode = self.param_groups[0]["sam_mode"]
-        if backend is not None:
-            resolve_backend((), backend=backend)  # type check now
+        if backend is not None:  # type check now; with pipeline_group= wrapped to span the stages
+            backend = resolve_backend([p for g in self.param_groups for p in g["params"]], backend=backend,
+                                      pipeline_group=pipeline_group, process_group=process_group)
         # resolved now (errors early), and again at the first use after the params changed identity or
         # kind (late binding: wrapped by FSDP after construction, swapped by accelerator.prepare)
-        self._binding = _Binding(backend, process_group, model)
+        self._binding = _Binding(backend, process_group, model, pipeline_group)
         self._bind()
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_fused_state", K.FusedState())
         self.__dict__.setdefault("_validated", {})
-        self.__dict__.setdefault("_binding", _Binding(None, None, None))
+        self.__dict__.setdefault("_binding", _Binding(None, None, None, None))
 
     # ------------------------------------------------------------------ late binding
     @property
@@ -256,7 +281,7 @@ class AdamWMSAMScheduleFree(Optimizer):
     def bind_backend(self, backend: Backend) -> None:
         """Bind ``backend`` for good, as ``backend=`` at construction does (no re-resolution when the
         params change later): the hook for engines that bind the optimizer after building it."""
-        self._binding.pin(resolve_backend((), backend=backend))
+        self._binding.pin(resolve_backend((), backend=backend, pipeline_group=self._binding.pipeline_group))
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -599,6 +624,7 @@ class AdamWMSAMScheduleFree(Optimizer):
         otherwise only the gradient flags are computed. ``flag`` carries both gradient flags
         in one scalar (:func:`sharded_msam_sf.kernels.rules.encode_flags`: inf if some gradient
         is NaN/inf, else > 0 if some finite g² overflowed), so the stats stay G + 1 values."""
+        self._binding.check_stages(self)
         rows, parts = [], []
         for group in self.param_groups:
             with_m = fold and self._uses_ascent(group)
@@ -649,7 +675,9 @@ class AdamWMSAMScheduleFree(Optimizer):
         """(the global ||m|| over the groups with rho > 0, nonfinite, v_overflow) from the
         reduced stats, with one device-to-host copy."""
         values = stats.tolist()
-        sumsq = sum(values[i] for i, g in enumerate(self.param_groups) if self._uses_ascent(g))
+        # groups without the ascent add 0 (their m is not read), so all slots add up to the norm over the
+        # groups with rho > 0; a back end may return the total in one slot (the pipeline back end does)
+        sumsq = sum(values[:-1])
         norm = math.sqrt(sumsq) if sumsq > 0.0 else 0.0
         return (norm,) + decode_flag(values[-1])
 

@@ -116,7 +116,8 @@ def ds_config(stage: int, dtype: str = "fp32", sam_mode: str = "one_pass", *, ga
 def reference_run(steps, sam_mode: str, *, switch_at: Optional[int] = None, clip: float = 0.0, lr: float = 0.02,
                   rho: float = 0.05, skip_steps=(), dtype: str = "fp32", world: int = 2,
                   loss_scales: Optional[Dict[int, float]] = None,
-                  nan_at: Optional[Dict[int, str]] = None) -> Dict[str, torch.Tensor]:
+                  nan_at: Optional[Dict[int, str]] = None, make: Callable[[], torch.nn.Module] = None
+                  ) -> Dict[str, torch.Tensor]:
     """The single-process optimizer on the whole global batch; returns the eval-mode (x) weights.
 
     ``dtype="bf16"``: the control under DeepSpeed's bf16 precision policy. DeepSpeed casts the
@@ -130,8 +131,9 @@ def reference_run(steps, sam_mode: str, *, switch_at: Optional[int] = None, clip
     ``dtype="fp16"``: the same, with the loss multiplied by ``loss_scales[k]`` (default 1) before
     the fp16 backward of step ``k`` and the gradient divided by it after the reduction.
     ``nan_at={k: "first" or "second"}``: that pass of step ``k`` gives NaN gradients (two_pass:
-    "first" is the ascent pass); ``skip_steps``: steps left out altogether."""
-    model = make_model()
+    "first" is the ascent pass); ``skip_steps``: steps left out altogether. ``make``: the model
+    (default :func:`make_model`; its trainable params grouped by :func:`param_groups`)."""
+    model = (make or make_model)()
     if dtype != "fp32":
         with torch.no_grad():
             for p in model.parameters():
@@ -197,11 +199,13 @@ def _low_precision_grads(model, low, x, y, world: int, scale: float = 1.0) -> No
 
 
 def ds_train(engine, opt, steps, sam_mode: str, *, start: int = 0, gas: int = 1, switch_at: Optional[int] = None,
-             inf_at=(), inf_pass: str = "first", world: Optional[int] = None):
+             inf_at=(), inf_pass: str = "first", world: Optional[int] = None, rank: Optional[int] = None):
     """DeepSpeed's loop on this rank's share of the global batch. At the steps in ``inf_at`` the
-    loss is multiplied by inf: in the first pass (two_pass: the ascent pass) or the ``"second"``."""
+    loss is multiplied by inf: in the first pass (two_pass: the ascent pass) or the ``"second"``.
+    ``world``/``rank``: the data-parallel size and rank (default: the world's; under tensor
+    parallelism the tensor-parallel ranks of one data-parallel rank take the same share)."""
     world = world or dist.get_world_size()
-    rank = dist.get_rank()
+    rank = dist.get_rank() if rank is None else rank
     dtype = next(engine.module.parameters()).dtype
     applied = []
     for k in range(start, steps):

@@ -127,38 +127,48 @@ def max_abs_diff(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> floa
 
 
 # ---------------------------------------------------------------- the loop
+def ascent_scale(opt) -> float:
+    """The ascent scale ``s`` of the first param group with the ascent (rho > 0; 0 if none)."""
+    return next((g["ascent_scale"] for g in opt.param_groups if g["rho"] > 0), 0.0)
+
+
 def run_loop(model, opt, *, mode: str, steps: int, dp_rank: int, dp_size: int, switch_at: Optional[int] = None,
              nan_at: Optional[int] = None, nan_fn: Optional[Callable] = None, record: Optional[dict] = None,
-             start: int = 0, final_eval: bool = True):
+             start: int = 0, final_eval: bool = True, backward: Optional[Callable] = None,
+             evaluate: Optional[Callable] = None):
     """The seed's loop (two_pass) or MSAM's (one_pass) on this rank's slice of each global batch.
 
     ``switch_at``: after that step, eval() + an eval forward (which leaves FSDP roots
     unsharded) + train(). ``nan_fn(step)`` runs after the (first) backward of step
-    ``nan_at``. ``record`` collects the ascent scales and eval losses."""
+    ``nan_at``. ``record`` collects the ascent scales and eval losses. ``backward(x, y)``
+    (default: ``mse(model, x, y).backward()``) takes one gradient, ``evaluate(x, y)``
+    (default: ``mse(model, x, y)``) the eval loss, e.g. through a pipeline schedule."""
+    backward = backward or (lambda x, y: mse(model, x, y).backward())
+    evaluate = evaluate or (lambda x, y: mse(model, x, y))
     opt.train()
     model.train()
     for i in range(start, steps):
         x, y = global_batch(i)
         x, y = local_slice(x, dp_rank, dp_size), local_slice(y, dp_rank, dp_size)
-        mse(model, x, y).backward()
+        backward(x, y)
         if nan_at == i and nan_fn is not None:
             nan_fn(i)
         if mode == "two_pass":
             opt.move_to_ascent()
             if record is not None:
-                record.setdefault("scale", []).append(opt.param_groups[0]["ascent_scale"])
-            mse(model, x, y).backward()
+                record.setdefault("scale", []).append(ascent_scale(opt))
+            backward(x, y)
             opt.move_from_ascent()
         opt.step()
         if mode == "one_pass" and record is not None:
-            record.setdefault("scale", []).append(opt.param_groups[0]["ascent_scale"])
+            record.setdefault("scale", []).append(ascent_scale(opt))
         opt.zero_grad(set_to_none=True)
         if switch_at is not None and i == switch_at:
             opt.eval()
             model.eval()
             with torch.no_grad():
                 xe, ye = global_batch(10_000)
-                loss = mse(model, xe, ye)
+                loss = evaluate(xe, ye)
             if record is not None:
                 record.setdefault("eval_loss", []).append(float(loss))
             model.train()
@@ -167,9 +177,12 @@ def run_loop(model, opt, *, mode: str, steps: int, dp_rank: int, dp_size: int, s
         opt.eval()
 
 
-def reference_run(engine: str, wrapped: nn.Module, ref: nn.Module, *, mode: str, steps: int, **kw):
-    """The single-process optimizer on ``ref`` with the full global batch (no communication)."""
+def reference_run(engine: str, wrapped: nn.Module, ref: nn.Module, *, mode: str, steps: int,
+                  regroup: Optional[Callable] = None, **kw):
+    """The single-process optimizer on ``ref`` with the full global batch (no communication);
+    ``regroup(groups)`` replaces the param groups of :func:`param_groups`."""
     _, ref_groups = param_groups(engine, wrapped, ref)
+    ref_groups = regroup(ref_groups) if regroup is not None else ref_groups
     opt = AdamWMSAMScheduleFree(ref_groups, sam_mode=mode, **HP)
     assert type(opt.backend).__name__ == "LocalBackend"
     run_loop(ref, opt, mode=mode, steps=steps, dp_rank=0, dp_size=1, **kw)
@@ -196,7 +209,7 @@ def bf16_control_run(ref: nn.Module, opt, *, steps: int, dp_size: int, switch_at
             p.grad = g / dp_size
         opt.step()
         opt.zero_grad(set_to_none=True)
-        record.setdefault("scale", []).append(opt.param_groups[0]["ascent_scale"])
+        record.setdefault("scale", []).append(ascent_scale(opt))
         if switch_at is not None and i == switch_at:
             opt.eval()
             with torch.no_grad():
@@ -393,32 +406,35 @@ def measure_bf16(engine: str, rank: int, world_size: int, *, steps: int = 6, swi
 
 
 def measure_collectives(engine: str, rank: int, world_size: int, *, steps: int = 3, dp_rank=None, dp_size=None,
-                        opt_kwargs: Optional[dict] = None, pass_model: bool = False,
-                        make: Optional[Callable[..., nn.Module]] = None, wrapper: Optional[Callable] = None) -> dict:
+                        opt_kwargs=None, pass_model: bool = False, make: Optional[Callable[..., nn.Module]] = None,
+                        wrapper: Optional[Callable] = None, setup: Optional[Callable] = None) -> dict:
     """Per mode: the collectives of ours (issued from inside the package) over ``steps`` steps,
     all collectives of ours and of torch.optim.AdamW in the same loop, and the collectives of
     eval()/train()/eval(); for :func:`check_collectives`. ``make``/``wrapper`` as in
-    :func:`measure_equivalence`."""
+    :func:`measure_equivalence`; ``setup()`` (instead) gives a fresh ``(model, run_loop keyword
+    arguments)`` for each optimizer; ``opt_kwargs`` may be a function of that model."""
     from sharded_msam_sf.comm_count import CommCounter
     dp_rank = rank if dp_rank is None else dp_rank
     dp_size = world_size if dp_size is None else dp_size
+    setup = setup or (lambda: ((wrapper or wrap)(engine, (make or make_model)(seed=5)), {}))
     out = {}
     for mode in ("one_pass", "two_pass"):
         m = out[mode] = {"steps": steps}
         for which in ("ours", "adamw"):
-            model = (wrapper or wrap)(engine, (make or make_model)(seed=5))
+            model, loop_kw = setup()
             if which == "ours":
-                extra = dict(opt_kwargs or {}, **({"model": model} if pass_model else {}))
+                kw = opt_kwargs(model) if callable(opt_kwargs) else opt_kwargs
+                extra = dict(kw or {}, **({"model": model} if pass_model else {}))
                 opt = AdamWMSAMScheduleFree(model.parameters(), sam_mode=mode, **HP, **extra)
             else:
                 opt = torch.optim.AdamW(model.parameters(), lr=0.01)
                 opt.train = opt.eval = lambda: None
                 opt.move_from_ascent = lambda: None
                 opt.move_to_ascent = lambda: opt.zero_grad(set_to_none=True)
-            run_loop(model, opt, mode=mode, steps=1, dp_rank=dp_rank, dp_size=dp_size, final_eval=False)
+            run_loop(model, opt, mode=mode, steps=1, dp_rank=dp_rank, dp_size=dp_size, final_eval=False, **loop_kw)
             with CommCounter() as cc:
                 run_loop(model, opt, mode=mode, steps=1 + steps, start=1, dp_rank=dp_rank, dp_size=dp_size,
-                         final_eval=False)
+                         final_eval=False, **loop_kw)
             m[f"total_{which}"] = cc.total_calls
             if which == "ours":
                 m["ours"] = [(c.name, c.shape) for c in cc.ours()]
@@ -432,9 +448,10 @@ def measure_collectives(engine: str, rank: int, world_size: int, *, steps: int =
 
 
 def check_collectives(m: dict, per_step: int) -> None:
-    """Ours: ``per_step`` all-reduces of G + 1 float64 per step and nothing else (also: the
-    difference against AdamW in the same loop), none in train()/eval()."""
+    """Ours: ``per_step`` all-reduces of G + 1 float64 (``m["stats_shape"]`` where given) per step and
+    nothing else (also: the difference against AdamW in the same loop), none in train()/eval()."""
+    want = tuple(m.get("stats_shape", (m["n_groups"] + 1,)))
     assert len(m["ours"]) == per_step * m["steps"], m["ours"]
-    assert all(name == "all_reduce" and shape == (m["n_groups"] + 1,) for name, shape in m["ours"]), m["ours"]
+    assert all(name == "all_reduce" and shape == want for name, shape in m["ours"]), m["ours"]
     assert m["total_ours"] - m["total_adamw"] == per_step * m["steps"], (m["total_ours"], m["total_adamw"])
     assert m["train_eval"] == 0, m["train_eval"]

@@ -89,8 +89,18 @@ def test_bad_deepspeed_inputs_name_the_file(tmp_path, tmp_path_factory):
     assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
 
 
-def test_to_universal_refuses_zero3_and_writes_nothing(tmp_path, tmp_path_factory):
+def test_to_universal_of_a_zero3_checkpoint_and_bad_input(tmp_path, tmp_path_factory):
+    """ZeRO-3 sources convert (the resume is tested in test_universal.py and test_train_universal.py); a
+    corrupt source is refused naming the file, and nothing is written."""
     from sharded_msam_sf.checkpoint import main
     ckpt = job("zero3", tmp_path_factory) / "checkpoints" / "step_000002"
-    assert main(["to-universal", str(ckpt), str(tmp_path / "u")]) == 1
-    assert not (tmp_path / "u").exists() and not list(tmp_path.glob(".tmp-*"))
+    assert main(["to-universal", str(ckpt), str(tmp_path / "u")]) == 0
+    params = [p for p in (tmp_path / "u" / "zero").iterdir() if p.is_dir()]
+    assert params and all((p / "z.pt").is_file() for p in params)
+    assert (tmp_path / "u" / "mp_rank_00_model_states.pt").is_file()
+    bad = tmp_path / "corrupt"
+    shutil.copytree(ckpt, bad)
+    f = bad / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    f.write_bytes(f.read_bytes()[:-100])
+    assert main(["to-universal", str(bad), str(tmp_path / "u2")]) == 1
+    assert not (tmp_path / "u2").exists() and not list(tmp_path.glob(".tmp-*"))

@@ -13,8 +13,8 @@ PKG = Path(__file__).resolve().parents[1] / "sharded_msam_sf"
 # bottom-up; the first matching prefix wins (longest prefixes first where they overlap)
 LAYERS = [
     (0, ("kernels", "hyperparams", "teardown", "launch_env", "comm_count")),          # the math, the rules, the process
-    (1, ("reference", "backends", "config", "jsonfile", "local_ranks", "weights_io",    # oracle, engines, schemas
-         "decay_groups")),
+    (1, ("reference", "backends", "backends.pipeline", "config", "jsonfile", "local_ranks", "weights_io",
+         "decay_groups", "backends.zero_universal")),                                   # oracle, engines, schemas
     (2, ("optimizer",)),                                                                # the optimizer
     (3, ("deepspeed", "deepspeed_config", "analysis")),                                # engine glue, analysis
     (4, ("integrations",)),                                                             # HF, Lightning

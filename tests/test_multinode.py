@@ -9,7 +9,8 @@ srun/scontrol, launch/mpirun.sh with two Hydra "hosts"), and node loss.
   resumes from the last checkpoint, bit-identical to an uninterrupted run; elastic (--nnodes 1:2, no
   replacement) DDP/FSDP2 continue on one rank from the resharded checkpoint, with the global batch
   kept by accumulation, bit-identical to a 1-rank run resumed from the same checkpoint; FSDP2's
-  resharded optimizer state is exact; DeepSpeed refuses with a message.
+  resharded optimizer state is exact; DeepSpeed ZeRO-2 continues through a universal checkpoint, bit-identical
+  to a 1-rank run resumed from the same checkpoint.
 
 Every agent and worker of a test is SIGKILLed in `finally` (found by an environment tag, since
 torchrun puts each worker in a session of its own).
@@ -37,6 +38,7 @@ LONG = ("train.max_steps=120", "eval.interval=1000", "checkpoint.interval=20", "
 KILL_AT = 30  # the node is lost after this step is logged: the last checkpoint is step 20 (or later)
 CONFIGS = {"ddp": "configs/job/ddp-cpu.json", "fsdp2": "configs/job/fsdp2-cpu.json",
            "zero2": "configs/job/default.json"}
+ENGINE_NAMES = {"zero2": "deepspeed"}  # the job's engine.name, as its log line says it
 MULTI = dict(NPROC="1", LOCAL_ADDR="127.0.0.1", RDZV_CONF="last_call_timeout=1,keep_alive_interval=1")
 
 
@@ -297,10 +299,23 @@ def shrink(cluster: Cluster, out: Path, name: str) -> tuple[Agent, int]:
     at = resumed_at(log)
     assert at >= saved >= 20
     after = log.split("resumed from")[1]
-    assert f"{name} (1 rank, cpu, fp32)" in after
+    assert f"{ENGINE_NAMES.get(name, name)} (1 rank, cpu, fp32)" in after
     assert "global batch 16 = micro-batch 8 x 1 rank x 2 accumulation step(s)" in after  # the global batch kept
     assert sorted(train_losses(out)) == list(range(1, 121))
     return a0, at
+
+
+def assert_equals_one_rank_resume(tmp_path: Path, out: Path, name: str, at: int) -> None:
+    """The rest of the shrunk run `out` equals a 1-rank run resumed from a copy of its step-`at` checkpoint,
+    bit for bit (losses and exported weights)."""
+    ctl = tmp_path / "ctl"
+    (ctl / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "checkpoints" / f"step_{at:06d}", ctl / "checkpoints" / f"step_{at:06d}")
+    one_node(tmp_path, "ctl", CONFIGS[name], LONG, nproc=1, extra=["--resume"])
+    losses, ctl_losses = train_losses(out), train_losses(ctl)
+    assert sorted(ctl_losses) == list(range(at + 1, 121))
+    assert {s: losses[s] for s in ctl_losses} == ctl_losses
+    assert_same_weights(out, ctl)
 
 
 def test_elastic_shrink_ddp_equals_uninterrupted(tmp_path, cluster, reference):
@@ -321,16 +336,7 @@ def test_elastic_shrink_fsdp2_reshards_exactly(tmp_path, cluster):
     name = "fsdp2"
     out = tmp_path / "run"
     _, at = shrink(cluster, out, name)
-    losses = train_losses(out)
-
-    ctl = tmp_path / "ctl"
-    (ctl / "checkpoints").mkdir(parents=True)
-    shutil.copytree(out / "checkpoints" / f"step_{at:06d}", ctl / "checkpoints" / f"step_{at:06d}")
-    one_node(tmp_path, "ctl", CONFIGS[name], LONG, nproc=1, extra=["--resume"])
-    ctl_losses = train_losses(ctl)
-    assert sorted(ctl_losses) == list(range(at + 1, 121))
-    assert {s: losses[s] for s in ctl_losses} == ctl_losses
-    assert_same_weights(out, ctl)
+    assert_equals_one_rank_resume(tmp_path, out, name, at)
 
     # the checkpoint of 2 ranks, loaded on 1 and saved again: every tensor unchanged
     src = out / "checkpoints" / f"step_{at:06d}"
@@ -349,19 +355,13 @@ def test_elastic_shrink_fsdp2_reshards_exactly(tmp_path, cluster):
             assert a[k] == b[k], k
 
 
-def test_deepspeed_refuses_another_world_size(tmp_path, cluster):
-    """ZeRO-2 under --nnodes 1:2 loses a node: the restarted rank refuses the 2-rank checkpoint and says
-    what to do (relaunch at the original world size, or FSDP2/DDP); it does not run on wrong state."""
+def test_elastic_shrink_deepspeed_resumes_through_universal(tmp_path, cluster):
+    """ZeRO-2, --nnodes 1:2, no replacement: the restarted rank converts the 2-rank checkpoint into a universal
+    one (out_dir/universal/step_N, sealed and verified) and goes on alone; the rest of the run equals a 1-rank
+    run resumed from a copy of that checkpoint, bit for bit (the conversion is exact and deterministic)."""
+    name = "zero2"
     out = tmp_path / "run"
-    a0, a1, _ = cluster.two_nodes(job_args(CONFIGS["zero2"], out, *LONG), nnodes="1:2", MAX_RESTARTS="1")
-    saved = lose_node(cluster, out, a0, a1)
-    assert a0.wait(300) != 0
-    log = a0.text()
-    msg = ("was written by 2 ranks and this run has 1: resuming a DeepSpeed checkpoint on another world size "
-           "is not supported yet. Relaunch with the original world size (2 ranks), or train with engine.name "
-           "fsdp2 or ddp")
-    assert msg in log, log[-6000:]
-    assert "ds_to_universal" not in log
-    refused = int(log.split(" was written by 2 ranks")[0].rsplit("step_", 1)[1])
-    assert refused == latest_step(out) >= saved >= 20  # the newest checkpoint, and nothing written after it
-    assert max(train_losses(out)) < 120
+    a0, at = shrink(cluster, out, name)
+    assert "into the universal checkpoint" in a0.text(), a0.text()[-6000:]
+    assert (out / "universal" / f"step_{at:06d}" / "manifest.json").is_file()
+    assert_equals_one_rank_resume(tmp_path, out, name, at)

@@ -16,14 +16,20 @@ order   when                                        back end
 5       ``model=`` is a ``DistributedDataParallel``  :class:`~.ddp.DDPBackend` over the model's (or
         or ``process_group=`` is given              the given) group
 6       otherwise (one process, DDP params alone)   :class:`~.local.LocalBackend`
+then    ``pipeline_group=`` is given (one optimizer  :class:`~.pipeline.PipelineBackend` wrapping
+        per ``torch.distributed.pipelining``        the back end chosen above (its reduction
+        stage)                                      spans the stages)
 ======  ==========================================  ============================================
 
 :func:`engine_kind` names the rule that applies (``"explicit"``, ``"deepspeed"``, ``"fsdp2"``,
 ``"fsdp1"``, ``"ddp"``, ``"local"``): the analysis functions and the benchmarks use it
 instead of detecting engines themselves. ``process_group=`` overrides the group over which
 the local sums of squares add up; ``model=`` (the wrapped model) lets the FSDP back ends find
-their modules without searching. Adding an engine: one file with a :class:`Backend` subclass
-and one row here. The optimizer applies the rule again whenever the params it holds change
+their modules without searching. With ``pipeline_group=`` the back end is chosen for the
+stage's params alone (``process_group=`` then names the group of the one all-reduce over all
+stages, see :mod:`~.pipeline`); an engine back end whose constructor takes ``pipeline_group=``
+itself gets it (its shares already span the stages). Adding an engine: one file with a
+:class:`Backend` subclass and one row here. The optimizer applies the rule again whenever the params it holds change
 identity or kind (late binding, ``AdamWMSAMScheduleFree._binding``); a given ``backend=`` is never
 re-resolved.
 """
@@ -38,8 +44,8 @@ from .base import LOCAL, Backend, Reduction, Share
 from .local import LocalBackend
 
 __all__ = ["Backend", "Share", "Reduction", "LOCAL", "LocalBackend", "DDPBackend", "FSDP1Backend",
-           "FSDP2Backend", "RULES", "engine_kind", "resolve_backend", "is_dtensor", "is_fsdp1_param",
-           "is_deepspeed_param", "is_ddp_model"]
+           "FSDP2Backend", "PipelineBackend", "RULES", "engine_kind", "resolve_backend", "is_dtensor",
+           "is_fsdp1_param", "is_deepspeed_param", "is_ddp_model"]
 
 
 def __getattr__(name):  # the engine back ends import torch.distributed pieces lazily
@@ -52,6 +58,9 @@ def __getattr__(name):  # the engine back ends import torch.distributed pieces l
     if name == "DDPBackend":
         from .ddp import DDPBackend
         return DDPBackend
+    if name == "PipelineBackend":
+        from .pipeline import PipelineBackend
+        return PipelineBackend
     raise AttributeError(name)
 
 
@@ -120,13 +129,28 @@ def engine_kind(params: Iterable[Tensor], *, process_group=None, model: Optional
 
 
 def resolve_backend(params: Iterable[Tensor], *, backend: Optional[Backend] = None, process_group=None,
-                    model: Optional[torch.nn.Module] = None) -> Backend:
-    """The back end for these parameters: ``backend`` if given, else the first rule that applies."""
-    if backend is not None:
-        if not isinstance(backend, Backend):
-            raise TypeError(f"backend must be a sharded_msam_sf.backends.Backend, got {type(backend).__name__}")
-        return backend
+                    model: Optional[torch.nn.Module] = None, pipeline_group=None) -> Backend:
+    """The back end for these parameters: ``backend`` if given, else the first rule that applies;
+    with ``pipeline_group`` that one wrapped in a :class:`~.pipeline.PipelineBackend`."""
+    if backend is not None and not isinstance(backend, Backend):
+        raise TypeError(f"backend must be a sharded_msam_sf.backends.Backend, got {type(backend).__name__}")
+    if pipeline_group is None:
+        return backend if backend is not None else _by_rules(list(params), process_group, model)
+    from .pipeline import PipelineBackend, accepts_pipeline_group
     params = list(params)
+    spans = False
+    if backend is None:
+        name = engine_kind(params, model=model)
+        if name == "fsdp2":
+            from .fsdp2 import FSDP2Backend
+            spans = accepts_pipeline_group(FSDP2Backend)
+        backend = (FSDP2Backend(params, model=model, pipeline_group=pipeline_group) if spans
+                   else _by_rules(params, None, model))
+    device = params[0].device if params else None
+    return PipelineBackend(backend, pipeline_group, process_group=process_group, spans_stages=spans, device=device)
+
+
+def _by_rules(params: List[Tensor], process_group, model: Optional[torch.nn.Module]) -> Backend:
     for _, matches, build in RULES:
         if matches(params, process_group, model):
             return build(params, process_group, model)

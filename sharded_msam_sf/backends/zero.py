@@ -54,6 +54,10 @@ hooks).
   ``update_lp_params()`` (DeepSpeed's own, after a universal checkpoint load); ZeRO-3 as its
   checkpoint load does, ``checkpoint_event_prologue()``,
   ``_reassign_or_swap_out_partitioned_parameters(s)``, ``checkpoint_event_epilogue()``.
+- Tensor/pipeline parallelism (:mod:`.zero_parallel`): read, the engine's (or the ZeRO wrapper's)
+  ``mpu`` (a PipelineEngine's grid), each bit16 param's ``_hp_mapping.get_hp_fragment_address()``
+  (ZeRO-1/2, BF16: ``bit16_groups`` / ``bf16_groups``), ZeRO-3 ``p.partition_numel()``, and
+  ``PipelineModule.tied_comms``; :class:`DeepSpeedBackend` then reduces over the world, weighted.
 - ZeRO-3 empties ``param_groups[i]['params']`` between steps: they are filled for a call
   out of the step with ``_set_fp32_optimizer_param_groups()`` /
   ``_clear_fp32_optimizer_param_groups()``, as its ``state_dict()`` does.
@@ -81,7 +85,9 @@ hooks).
   wrapper they hold) reach the engine's weights; ``_msam_facade`` on the wrapper keeps the facade.
 
 Also here: :func:`gathered` (the one ZeRO-3 gather helper) and :func:`full_fp32_state_dict`
-(the one weight export).
+(the one weight export). Universal checkpoints (another world size or ZeRO stage, with z and every
+group's counters): :func:`load_universal`, in :mod:`sharded_msam_sf.backends.zero_universal`, which
+lists the DeepSpeed internals that load uses.
 """
 from __future__ import annotations
 
@@ -94,28 +100,46 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .base import Backend
+from .base import Backend, Reduction
+from .zero_parallel import flat_pieces, parallel_layout, refuse_pipeline_two_pass
+from .zero_universal import load_universal
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..optimizer import AdamWMSAMScheduleFree
 
 __all__ = ["DeepSpeedBackend", "ZeroDriver", "bind", "gathered", "full_fp32_state_dict", "wrapper_classes",
-           "unbound_zero_wrapper", "refuse_unbound_zero"]
+           "unbound_zero_wrapper", "refuse_unbound_zero", "load_universal"]
 
 OVERFLOW_REASON = "DeepSpeed found a non-finite gradient (fp16: the loss scale drops) and skipped the step"
 
 
 class DeepSpeedBackend(Backend):
     """Flat fp32 ZeRO partitions: local tensors as they are, the stats summed over the
-    data-parallel group, out-of-step changes pushed to the bit16 weights by the driver."""
+    data-parallel group, out-of-step changes pushed to the bit16 weights by the driver. Under
+    tensor/pipeline parallelism (an ``mpu``, a PipelineEngine) the driver sets a weighted
+    reduction over the world and each flat partition's pieces by replica count
+    (:func:`use_model_parallel_layout`, :mod:`.zero_parallel`)."""
 
     def __init__(self) -> None:
         self.group = None  # the ZeRO data-parallel process group, set by the driver
         self.driver: Optional["ZeroDriver"] = None
+        self.pieces: Optional[Dict[int, Any]] = None  # id(flat fp32 partition) -> its pieces (model parallel)
 
     def all_reduce_(self, stats: Tensor) -> None:
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
+        if self.reduction.weighted:
+            self.reduction.apply_(stats)
+        elif dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group)
+
+    def replica_pieces(self, p: Tensor):
+        if self.pieces is None:
+            return super().replica_pieces(p)
+        try:
+            return self.pieces[id(p)]
+        except KeyError:
+            raise RuntimeError("AdamWMSAMScheduleFree under DeepSpeed model parallelism: a parameter that is not one "
+                               "of the engine's flat fp32 partitions reached the optimizer") from None
+
 
     def params_changed(self) -> None:
         if self.driver is not None:
@@ -210,6 +234,16 @@ def bind(engine: Any, optimizer: "AdamWMSAMScheduleFree", zero: Any = None) -> "
     return driver
 
 
+def use_model_parallel_layout(engine: Any, zero: Any, kind: str, backend: DeepSpeedBackend) -> None:
+    """Tensor/pipeline parallel engine (:func:`~.zero_parallel.parallel_layout` not None): the stats
+    are summed over the world, each flat partition's pieces divided by their replica counts."""
+    layout = parallel_layout(engine, zero)
+    if layout is None:
+        return
+    backend.pieces = flat_pieces(engine, zero, kind, layout)
+    backend.reduction = Reduction(layout.group, 1, None, weighted=True)
+
+
 class _AscentStandIn:
     """Our optimizer as BF16_Optimizer sees it during ``ZeroDriver.ascent()``: ``step()`` is the
     gathered ``move_to_ascent()``; everything else (state, param_groups) is the optimizer's."""
@@ -256,6 +290,8 @@ class ZeroDriver:
                             "(from sharded_msam_sf.backends.zero) to run inside a DeepSpeed engine")
         backend.group = self.zero.dp_process_group
         backend.driver = self
+        refuse_pipeline_two_pass(engine, [optimizer.sam_mode])
+        use_model_parallel_layout(engine, self.zero, self.kind, backend)
         self._in_step = False  # inside DeepSpeed's step, which copies fp32 → bit16 and all-gathers itself
         self._call = "step"  # what the gathered call runs: "step", or "move_to_ascent" during ascent()
         self._calls = 0  # gathered calls run so far (tells a step DeepSpeed skipped)

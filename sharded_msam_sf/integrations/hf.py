@@ -35,7 +35,6 @@ from typing import Any, Optional
 from transformers import Trainer, TrainerCallback
 
 from ..deepspeed import find_optimizer
-from ..optimizer import AdamWMSAMScheduleFree
 
 __all__ = ["ScheduleFreeCallback", "MSAMTrainer", "find_optimizer"]
 

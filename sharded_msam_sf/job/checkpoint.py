@@ -426,6 +426,35 @@ def verify(ckpt: Path, rank: int = 0, world: int = 1, engine: str | None = None)
     return sorted({p for share in found for p in share})
 
 
+def seal(tmp: Path, final: Path, job_state: dict, rank: int, world: int, healthy: bool = True,
+         extra: dict | None = None) -> None:
+    """Collective: make the directory ``tmp`` (its files written) the verified checkpoint ``final``: the
+    files' SHA-256 (shared out over the ranks), then rank 0 writes job_state.json, manifest.json (last;
+    ``extra`` keys added), and renames ``tmp`` to ``final`` (replacing one of the same name). A failure
+    raises the same CheckpointError on every rank; ``final`` is then as it was."""
+    files = _broadcast(_listing(tmp)[0] if rank == 0 else None)
+    files = [f for f in files if f not in (STATE_FILE, MANIFEST)]
+    share = _agree(lambda: _hash_share(tmp, files, rank, world), f"checkpoint {tmp}")
+    listed = {k: v for share in _all_gather(share) for k, v in share.items()}
+
+    def finish():
+        if rank != 0:
+            return
+        atomic_write_bytes(tmp / STATE_FILE, json.dumps(job_state, indent=1).encode())
+        listed[STATE_FILE] = {"size": (tmp / STATE_FILE).stat().st_size, "sha256": sha256_file(tmp / STATE_FILE)}
+        manifest = {"format": MANIFEST_FORMAT, "run_id": job_state["run_id"], "step": job_state["step"],
+                    "engine": job_state.get("engine", "?"), "world_size": job_state.get("world_size", world),
+                    "healthy": healthy, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": listed,
+                    **(extra or {})}
+        atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        os.chmod(tmp, 0o755)
+        if final.exists():  # re-saving the same step (e.g. a signal right after an interval save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    _agree(finish, f"checkpoint {final}")
+
+
 # ------------------------------------------------------------------ the checkpointer
 class Checkpointer:
     def __init__(self, out_dir: str | os.PathLike, rank: int, keep: int, world: int = 1, run_id: str = ""):
@@ -490,31 +519,13 @@ class Checkpointer:
         try:
             _agree(prepare, f"checkpoint directory {tmp}")
             _agree(lambda: engine.save(tmp), f"checkpoint {tmp}")
-            files = _broadcast(_listing(tmp)[0] if self.rank == 0 else None)
-            files = [f for f in files if f not in (STATE_FILE, MANIFEST)]
-            share = _agree(lambda: _hash_share(tmp, files, self.rank, self.world), f"checkpoint {tmp}")
-            shares = _all_gather(share)
-            listed = {k: v for share in shares for k, v in share.items()}
+            seal(tmp, final, dict(job_state, step=step, run_id=self.run_id), self.rank, self.world,
+                 healthy=bool(job_state.get("healthy", True)))
 
-            def finish():
-                if self.rank != 0:
-                    return
-                state = dict(job_state, step=step, run_id=self.run_id)
-                atomic_write_bytes(tmp / STATE_FILE, json.dumps(state, indent=1).encode())
-                listed[STATE_FILE] = {"size": (tmp / STATE_FILE).stat().st_size,
-                                      "sha256": sha256_file(tmp / STATE_FILE)}
-                manifest = {"format": MANIFEST_FORMAT, "run_id": self.run_id, "step": step,
-                            "engine": job_state.get("engine", "?"), "world_size": self.world,
-                            "healthy": bool(job_state.get("healthy", True)),
-                            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": listed}
-                atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-                os.chmod(tmp, 0o755)
-                if final.exists():  # re-saving the same step (e.g. a signal right after an interval save)
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-                _fsync_dir(self.root)
-                atomic_write_bytes(self.root / "latest", final.name.encode())
-            _agree(finish, f"checkpoint {final}")
+            def point():
+                if self.rank == 0:
+                    atomic_write_bytes(self.root / "latest", final.name.encode())
+            _agree(point, f"checkpoint {final}")
         except CheckpointError:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -689,7 +700,8 @@ def record_run_id(run_id: str, rank: int) -> None:
 REFUSED_CHANGES = ("engine.name", "engine.zero_stage", "engine.dtype", "model", "optimizer", "train.seed",
                    "train.global_batch_size", "data.dtype", "data.val_fraction", "data.corpus_max_bytes")
 # keys that may differ without a word (where the run is and how it is shown)
-_SILENT = ("log.out_dir", "checkpoint.resume", "log.progress", "log.plot", "log.tensorboard", "engine.device", "engine.backend")
+_SILENT = ("log.out_dir", "checkpoint.resume", "checkpoint.convert", "log.progress", "log.plot", "log.tensorboard",
+           "engine.device", "engine.backend")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -716,8 +728,9 @@ def _optimizer_params(section: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in full.items()}
 
 
-def compare_config(saved: dict, cfg) -> tuple[list[str], list[str]]:
-    """(refused changes, applied changes), each as 'key: saved -> now'."""
+def compare_config(saved: dict, cfg, allow: tuple = ()) -> tuple[list[str], list[str]]:
+    """(refused changes, applied changes), each as 'key: saved -> now'; keys in ``allow`` are applied
+    even when REFUSED_CHANGES lists them (engine.zero_stage through a universal checkpoint)."""
     now = cfg.to_dict()
     old_flat, new_flat = _flatten({k: v for k, v in saved.items() if k != "optimizer"}), \
         _flatten({k: v for k, v in now.items() if k != "optimizer"})
@@ -739,16 +752,16 @@ def compare_config(saved: dict, cfg) -> tuple[list[str], list[str]]:
         if key in _SILENT:
             continue
         line = f"{key}: {a!r} -> {b!r}"
-        if any(key == r or key.startswith(r + ".") for r in REFUSED_CHANGES):
+        if key not in allow and any(key == r or key.startswith(r + ".") for r in REFUSED_CHANGES):
             refused.append(line)
         else:
             applied.append(line)
     return refused, applied
 
 
-def check_config_change(saved: dict, cfg, path: Path) -> list[str]:
+def check_config_change(saved: dict, cfg, path: Path, allow: tuple = ()) -> list[str]:
     """Raise CheckpointError for refused changes; return the applied ones (to be reported)."""
-    refused, applied = compare_config(saved, cfg)
+    refused, applied = compare_config(saved, cfg, allow)
     if refused:
         raise CheckpointError(
             f"the config differs from the one {path} was written with, in keys that change what the resumed "

@@ -183,6 +183,10 @@ class CheckpointConfig(_Section):
     """auto (resume if out_dir has one) | never | must | a checkpoint path"""
     export: bool = True
     """write eval-mode (x) weights to out_dir/export at the end"""
+    convert: Literal["auto", "never"] = "auto"
+    """deepspeed: a checkpoint written at another world size or ZeRO stage is converted into DeepSpeed's
+    universal format with our state (python -m sharded_msam_sf.checkpoint to-universal) under
+    out_dir/universal/ and resumed from there (auto), or refused (never)"""
 
     @field_validator("resume")
     @classmethod

@@ -289,6 +289,16 @@ class DeepSpeedEngine:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
 
+    def load_universal(self, path: Path) -> None:
+        """A universal checkpoint of another world size or ZeRO stage (sharded_msam_sf.job.universal)."""
+        from ..backends.zero import load_universal
+        from ..backends.zero_universal import UniversalCheckpointError
+        from .checkpoint import CheckpointError
+        try:
+            load_universal(self.model, path)
+        except UniversalCheckpointError as e:
+            raise CheckpointError(str(e)) from e
+
     def full_state_dict(self):
         """The fp32 masters (x in eval mode), not rounded to a bf16 model's dtype: see
         sharded_msam_sf.backends.zero.full_fp32_state_dict."""

@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (CheckpointError, Checkpointer, StopSignal, acquire_run_lock, check_config_change,
+from .checkpoint import (Checkpointer, StopSignal, acquire_run_lock, check_config_change,
                          export_weights, plan_resume, record_run_id)
 from .config import JobConfig
 from .data import Batches, Corpus
 from .progress import Progress, TensorBoard, optimizer_scalars, peak_memory_mib, plot_losses
+from .universal import check_convert_allowed, needs_universal, prepare_universal
 
 
 class Interrupted(Exception):
@@ -70,16 +71,18 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
     resume_from, state = plan.path, plan.state
     notes = list(plan.notes)
     if resume_from is not None:
-        applied = check_config_change(state["config"], cfg, resume_from)
+        convert = needs_universal(cfg, env.world_size, state)  # DeepSpeed, another world size or ZeRO stage
+        if convert:
+            check_convert_allowed(cfg, env.world_size, resume_from, state)
+        applied = check_config_change(state["config"], cfg, resume_from,
+                                      allow=("engine.zero_stage",) if convert else ())
         notes += [f"config changed since {resume_from.name} (applied): {line}" for line in applied]
-        saved_world = state.get("world_size", env.world_size)
-        if cfg.engine.name == "deepspeed" and saved_world != env.world_size:
-            raise CheckpointError(
-                f"{resume_from} was written by {saved_world} ranks and this run has {env.world_size}: resuming a "
-                "DeepSpeed checkpoint on another world size is not supported yet. Relaunch with the original "
-                f"world size ({saved_world} ranks), or train with engine.name fsdp2 or ddp, whose checkpoints "
-                "reshard to any world size")
-        engine.load(resume_from)
+        if convert:
+            universal, note = prepare_universal(cfg, resume_from, env.rank, env.world_size)
+            notes.append(note)
+            engine.load_universal(universal)
+        else:
+            engine.load(resume_from)
         step = state["step"]
     record_run_id(plan.run_id, env.rank)
     tokens_per_step = cfg.train.global_batch_size * cfg.model.block_size
@@ -211,8 +214,9 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
             progress.message("loss curve skipped: matplotlib is not installed (pip install matplotlib)")
         mem = "/".join(f"{p:.0f}" for p in peaks)
         kind = "GPU" if env.device.type == "cuda" else "RSS"
+        val = "n/a" if val_loss is None else f"{val_loss:.4f}"  # none: resumed at max_steps, eval.interval 0
         progress.message(
-            f"done: step {step} | train loss {train_loss:.4f} | val loss {val_loss:.4f} "
+            f"done: step {step} | train loss {train_loss:.4f} | val loss {val} "
             f"(unigram baseline {baseline:.4f}) | {progress.tokens_per_s():,.0f} tok/s | "
             f"peak {kind} MiB per rank {mem}")
     return summary
