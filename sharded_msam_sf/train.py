@@ -6,6 +6,10 @@ model on the Python standard library's source)::
     launch/torchrun.sh                      # = the line below
     torchrun --standalone --nproc-per-node 2 -m sharded_msam_sf.train --config configs/job/default.json
 
+FSDP2 + tensor parallel, dp 2 x tp 2 on four CPU ranks (parallel.tp = 2)::
+
+    NPROC=4 launch/torchrun.sh --config configs/job/fsdp2-tp2-cpu.json
+
 One GPU / one process (the global batch is kept; accumulation makes up the ranks)::
 
     python -m sharded_msam_sf.train --config configs/job/gpt-1.3b-gpu.json --data /data/owt
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -92,6 +97,8 @@ def main(argv=None) -> int:
 
     for pattern in _NOISE:
         warnings.filterwarnings("ignore", message=pattern)
+    # "2 sequential all_gather operations will be performed" when the export gathers a dp x tp sharded weight
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     from .job.checkpoint import CheckpointError, Checkpointer, RunDirError, check_out_dir
     try:  # refusals that need no process group: an out_dir others can write to, a pointer out of it
         check_out_dir(cfg.log.out_dir)

@@ -30,7 +30,8 @@ def test_shipped_configs_validate(path):
     world = 8 if "gpu" in path.name else 2
     cfg = load_config(path, world_size=world)
     assert cfg.world_size == world
-    assert cfg.grad_accum * cfg.train.micro_batch_size * world == cfg.train.global_batch_size
+    assert cfg.dp_size * cfg.parallel.tp == world
+    assert cfg.grad_accum * cfg.train.micro_batch_size * cfg.dp_size == cfg.train.global_batch_size
 
 
 def test_default_config_is_the_documented_one():

@@ -130,11 +130,19 @@ class DataConfig(_Section):
         return p
 
 
+class ParallelConfig(_Section):
+    """Model parallelism inside the data-parallel engine (the data-parallel size is world size / tp)."""
+    tp: int = Field(1, ge=1)
+    """tensor-parallel ranks per model replica (engine fsdp2 only): attention heads and MLP columns split over
+    them (sharded_msam_sf.job.tensor_parallel); must divide the world size and model.n_head"""
+
+
 class TrainConfig(_Section):
     global_batch_size: int = Field(16, gt=0)
     """sequences per optimizer step, independent of the world size"""
     micro_batch_size: int = Field(8, gt=0)
-    """sequences per rank per forward; global = micro x world size x accumulation steps"""
+    """sequences per data-parallel rank per forward; global = micro x (world size / parallel.tp) x accumulation
+    steps"""
     max_steps: int = Field(200, gt=0)
     grad_clip: float = 1.0
     """gradient-norm clipping, a finite number >= 0; 0 disables"""
@@ -238,6 +246,7 @@ class JobConfig(_Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     optimizer: Annotated[dict, BeforeValidator(_optimizer_section),
                          WithJsonSchema({"type": "object"})] = Field(
         default_factory=lambda: {"type": "AdamWMSAMScheduleFree", "params": {}})
@@ -257,8 +266,13 @@ class JobConfig(_Section):
         return self._world_size
 
     @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: world size / parallel.tp (the tp ranks of one replica share its batch)."""
+        return self._world_size // self.parallel.tp
+
+    @property
     def grad_accum(self) -> int:
-        """Micro-batches per rank per optimizer step."""
+        """Micro-batches per data-parallel rank per optimizer step."""
         return self._grad_accum
 
     @property
@@ -278,11 +292,15 @@ class JobConfig(_Section):
         t = self.train
         if world_size < 1:
             raise ConfigError(f"world size must be >= 1, got {world_size}")
-        per_step = t.micro_batch_size * world_size  # global = micro * world * accumulation
+        self._check_parallel(world_size)
+        tp = self.parallel.tp
+        per_step = t.micro_batch_size * (world_size // tp)  # global = micro * dp * accumulation
         if t.global_batch_size % per_step:
+            ranks = f"world size ({world_size})" if tp == 1 else \
+                f"data-parallel size (world size {world_size} / parallel.tp {tp} = {world_size // tp})"
             raise ConfigError(
                 f"config key 'train.global_batch_size' ({t.global_batch_size}) must be a multiple of "
-                f"train.micro_batch_size ({t.micro_batch_size}) x world size ({world_size}) = {per_step}")
+                f"train.micro_batch_size ({t.micro_batch_size}) x {ranks} = {per_step}")
         self._world_size, self._grad_accum = world_size, t.global_batch_size // per_step
         self._optimizer_kwargs = optimizer_kwargs_from_config(self.optimizer)
         if (self.engine.name == "deepspeed" and self.grad_accum > 1
@@ -292,6 +310,28 @@ class JobConfig(_Section):
                 f"rank per step (gradient accumulation is {self.grad_accum}); raise train.micro_batch_size "
                 "to global_batch_size / world size, or use one_pass")
         return self
+
+    def _check_parallel(self, world_size: int) -> None:
+        """parallel.tp: engine fsdp2, a divisor of the world size and of the head count (then n_embd and the
+        MLP's 4·n_embd split too), no dropout (each tp rank would draw its own masks on activations that must
+        stay identical across them)."""
+        tp = self.parallel.tp
+        if tp == 1:
+            return
+        if self.engine.name != "fsdp2":
+            raise ConfigError(f"config key 'parallel.tp' ({tp}) needs engine.name fsdp2; engine "
+                              f"'{self.engine.name}' has no tensor parallelism in this job (set parallel.tp to 1, "
+                              "or engine.name to fsdp2)")
+        if world_size % tp:
+            raise ConfigError(f"config key 'parallel.tp' ({tp}) must divide the world size ({world_size}): "
+                              "each model replica spans tp ranks")
+        if self.model.n_head % tp:
+            raise ConfigError(f"config key 'parallel.tp' ({tp}) must divide model.n_head ({self.model.n_head}): "
+                              "each tp rank computes whole attention heads")
+        if self.model.dropout:
+            raise ConfigError(f"config key 'model.dropout' ({self.model.dropout}) must be 0 with parallel.tp "
+                              f"({tp}) > 1: the tp ranks would draw different dropout masks on activations that "
+                              "must stay the same on all of them")
 
 
 def json_schema() -> dict:

@@ -10,8 +10,9 @@
 
 Batches depend only on (seed, step), never on the world size or on the process:
 step k draws `global_batch_size` window offsets from a generator seeded with
-(seed, k), and rank r's micro-batch m is the slice starting at sequence
-(m·world + r)·micro. A resumed run therefore sees exactly the data of an
+(seed, k), and data-parallel rank r's micro-batch m is the slice starting at sequence
+(m·dp + r)·micro (`Batches(corpus, cfg, r, dp)`; with parallel.tp > 1 the tp ranks of one
+model replica pass the same r). A resumed run therefore sees exactly the data of an
 uninterrupted one, and every world size trains on the same global batch.
 """
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """One wrapper per engine with the same small interface for the training loop.
 
 `build_engine(cfg, dist_env)` wraps the GPT in DDP, FSDP2 (`fully_shard` per block
-and at the root), FSDP1 (one unit per block, `use_orig_params=True`) or a DeepSpeed
+and at the root; with parallel.tp > 1 tensor parallel first, on the dp × tp mesh of
+`dist_env.mesh`: job/tensor_parallel.py), FSDP1 (one unit per block, `use_orig_params=True`) or a DeepSpeed
 ZeRO-1/2/3 engine, and builds `AdamWMSAMScheduleFree` on it. The loop then only calls:
 
     loss = engine.forward_backward(x, y, last_micro)   # one micro-batch
@@ -39,6 +40,23 @@ class DistEnv:
     world_size: int
     device: torch.device
     backend: str
+    tp: int = 1
+    """tensor-parallel ranks per model replica (parallel.tp); rank = dp_rank * tp + tp_rank"""
+    mesh: object = None
+    """the dp × tp DeviceMesh when tp > 1, else None"""
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel index: its slice of the global batch (shared by its tp ranks)."""
+        return self.rank // self.tp
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
 
 
 def build_model(cfg: JobConfig, device: torch.device | str = "cpu") -> GPT:
@@ -165,7 +183,12 @@ class FSDP2Engine(_TorchEngine):
     def wrap(self, module):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
+        if self.env.mesh is not None:  # tensor parallel over mesh["tp"], then FSDP over mesh["dp"]
+            from .tensor_parallel import parallelize_gpt
+            parallelize_gpt(module, self.env.mesh["tp"])
+            mesh = self.env.mesh["dp"]
+        else:
+            mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
         dtype = _DTYPES[self.cfg.engine.dtype]
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         for block in module.blocks:
@@ -175,6 +198,12 @@ class FSDP2Engine(_TorchEngine):
     def sync_context(self, last_micro):
         self.model.set_requires_gradient_sync(last_micro)
         return contextlib.nullcontext()
+
+    def clip(self):
+        if self.env.mesh is None:
+            return super().clip()
+        from .tensor_parallel import clip_grad_norm_  # params on two meshes: torch's cannot stack their norms
+        clip_grad_norm_(self.model.parameters(), self.optimizer.backend, self.cfg.train.grad_clip)
 
 
 class FSDP1Engine(_TorchEngine):
@@ -320,4 +349,9 @@ def init_distributed(cfg: JobConfig) -> DistEnv:
     if cfg.engine.name == "deepspeed":
         import deepspeed
         deepspeed.init_distributed(dist_backend=backend)
-    return DistEnv(rank, local, world, device, backend)
+    tp = cfg.parallel.tp
+    mesh = None
+    if tp > 1:
+        from .tensor_parallel import make_mesh
+        mesh = make_mesh(device.type, world, tp)
+    return DistEnv(rank, local, world, device, backend, tp, mesh)

@@ -30,14 +30,16 @@ class Diverged(RuntimeError):
 
 
 @torch.no_grad()
-def evaluate(engine, batches: Batches, device: torch.device) -> float:
-    """Mean validation loss at the optimizer's x (eval mode), over the fixed validation set."""
+def evaluate(engine, batches: Batches, device: torch.device, counted: float = 1.0) -> float:
+    """Mean validation loss at the optimizer's x (eval mode), over the fixed validation set; a rank
+    adds its losses with weight ``counted`` (0 on all but one tp rank of each model replica, whose
+    losses are the same)."""
     engine.optimizer.eval()
     engine.set_train(False)
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for x, y, w in batches.eval_micro_batches(device):
         loss = engine.forward(x, y).double()
-        total += torch.stack([loss * w, loss.new_tensor(w)])
+        total += torch.stack([loss * w, loss.new_tensor(w)]) * counted
     dist.all_reduce(total)
     engine.set_train(True)
     engine.optimizer.train()
@@ -56,7 +58,8 @@ def run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool = False) -> d
 
 
 def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Path, rank0: bool) -> dict:
-    batches = Batches(corpus, cfg, env.rank, env.world_size)
+    batches = Batches(corpus, cfg, env.dp_rank, env.dp_size)  # the tp ranks of a replica read the same batch
+    counted = float(env.tp_rank == 0)  # losses enter the logged means once per data-parallel rank
     opt = engine.optimizer
     two_pass = cfg.optimizer_kwargs.get("sam_mode", "one_pass") == "two_pass"
     opt.train()
@@ -93,10 +96,12 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
     else:
         progress.message(f"new run {plan.run_id} in {out_dir}")
     ranks = f"{env.world_size} rank{'s' if env.world_size > 1 else ''}"
-    progress.message(f"{cfg.engine.name} ({ranks}, {env.device.type}, {cfg.engine.dtype}) | "
+    dp_ranks = ranks if env.tp == 1 else f"{env.dp_size} data-parallel rank{'s' if env.dp_size > 1 else ''}"
+    layout = "" if env.tp == 1 else f" = dp {env.dp_size} x tp {env.tp}"
+    progress.message(f"{cfg.engine.name} ({ranks}{layout}, {env.device.type}, {cfg.engine.dtype}) | "
                      f"{engine.n_params:,} params | {corpus.description} | "
                      f"global batch {cfg.train.global_batch_size} = micro-batch {cfg.train.micro_batch_size} x "
-                     f"{ranks} x {cfg.grad_accum} accumulation step(s) | unigram baseline {baseline:.4f}")
+                     f"{dp_ranks} x {cfg.grad_accum} accumulation step(s) | unigram baseline {baseline:.4f}")
     if dry_run:
         return {"step": step, "dry_run": True}
 
@@ -117,7 +122,7 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
     try:
         while step < cfg.train.max_steps:
             t0 = time.perf_counter()
-            torch.manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + env.rank)  # dropout: resumable
+            torch.manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + env.dp_rank)  # dropout: resumable
             micro = list(batches.micro_batches(step, env.device))
             losses = [engine.forward_backward(x, y, i == len(micro) - 1) for i, (x, y) in enumerate(micro)]
             if two_pass:
@@ -129,10 +134,11 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
             engine.step()
             step += 1
             # one small all-reduce: the loss for the log and the stop flag (a signal may reach one rank only)
-            # the mean in float64: (l0 + l1) / 2 is then the same number on 1 rank x 2 micro-batches as on 2 ranks
-            flags = torch.stack([torch.stack(losses).double().mean(), torch.ones((), dtype=torch.float64,
-                                 device=env.device), torch.tensor(float(stop.signum > 0), dtype=torch.float64,
-                                 device=env.device)]).to(env.device)
+            # the mean in float64: (l0 + l1) / 2 is then the same number on 1 rank x 2 micro-batches as on 2 ranks;
+            # the loss and its count from one tp rank per replica (the mean over the data-parallel ranks)
+            flags = torch.stack([torch.stack(losses).double().mean() * counted, torch.tensor(
+                                 counted, dtype=torch.float64, device=env.device), torch.tensor(
+                                 float(stop.signum > 0), dtype=torch.float64, device=env.device)]).to(env.device)
             dist.all_reduce(flags)
             window += flags[:2]
             skipped_now = getattr(opt, "skipped_steps", 0)  # the same on every rank (the skip is agreed)
@@ -167,7 +173,7 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
                                 tokens_per_s=progress.tokens_per_s())
                 progress.update(step, train_loss)
             if (cfg.eval.interval and step % cfg.eval.interval == 0) or last:
-                val_loss = evaluate(engine, batches, env.device)
+                val_loss = evaluate(engine, batches, env.device, counted)
                 progress.record(step=step, val_loss=val_loss)
                 board.scalars(step, {"val/loss": val_loss})
                 board.flush()
