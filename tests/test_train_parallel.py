@@ -29,8 +29,9 @@ LOSS_TOL = 2e-6      # fp32 round-off of a loss near 5 (the tp ranks sum partial
 WEIGHT_TOL = 1e-5
 
 
-def _launch_documented(out, overrides) -> subprocess.CompletedProcess:
-    args = ["--config", str(ROOT / CONFIG), "--override", f"log.out_dir={out}"]
+def _launch_documented(out, overrides, config: str = CONFIG) -> subprocess.CompletedProcess:
+    """``NPROC=4 launch/torchrun.sh --config <config>`` with ``overrides``."""
+    args = ["--config", str(ROOT / config), "--override", f"log.out_dir={out}"]
     for o in overrides:
         args += ["--override", o]
     env = dict(_env(), NPROC="4", MASTER_PORT=str(_free_port()))
