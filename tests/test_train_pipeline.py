@@ -9,15 +9,13 @@ by the documented line ``NPROC=4 launch/torchrun.sh --config configs/job/fsdp2-p
 """
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from sharded_msam_sf.job.config import ConfigError, load_config
-from tests.test_train_parallel import _launch_documented, _max_loss_diff, _max_weight_diff
-from tests.test_train_run import ROOT, _env, exported, run_job, train_losses, val_losses
+from tests.test_train_parallel import (_launch_documented, _max_loss_diff, _max_weight_diff, launched_once,
+                                      offline_export_diff)
+from tests.test_train_run import ROOT, exported, run_job, train_losses, val_losses
 
 pytestmark = pytest.mark.slow
 
@@ -37,25 +35,16 @@ WEIGHT_TOL = 1e-5
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
     """name -> (out_dir, stderr), each job launched on first use."""
-    root = tmp_path_factory.mktemp("pipeline")
-    done = {}
-
-    def get(name: str):
-        if name in done:
-            return done[name]
-        out = root / name
+    def launch(name, out, get):
         if name == "pp2dp2-two_pass":
-            proc = _launch_documented(out, RUN + JOBS[name][1], config=CONFIG)
-        elif name == "pp2resume":  # from the uninterrupted pp=2 run's step-3 checkpoint, into a fresh out_dir
+            return _launch_documented(out, RUN + JOBS[name][1], config=CONFIG)
+        if name == "pp2resume":  # from the uninterrupted pp=2 run's step-3 checkpoint, into a fresh out_dir
             ckpt = get("pp2-one_pass")[0] / "checkpoints" / "step_000003"
-            proc = run_job(CONFIG, out, *RUN, *JOBS["pp2-one_pass"][1], extra=["--resume", str(ckpt)], nproc=2,
+            return run_job(CONFIG, out, *RUN, *JOBS["pp2-one_pass"][1], extra=["--resume", str(ckpt)], nproc=2,
                            timeout=300)
-        else:
-            nproc, over = JOBS[name]
-            proc = run_job(CONFIG, out, *RUN, *over, nproc=nproc, timeout=300)
-        done[name] = (out, proc.stderr)
-        return done[name]
-    return get
+        nproc, over = JOBS[name]
+        return run_job(CONFIG, out, *RUN, *over, nproc=nproc, timeout=300)
+    return launched_once(tmp_path_factory.mktemp("pipeline"), launch)
 
 
 @pytest.mark.parametrize("mode", PAIRS)
@@ -88,12 +77,7 @@ def test_export_holds_every_stages_weights(jobs):
 def test_offline_export_of_a_pp2_checkpoint_equals_the_jobs(jobs, tmp_path):
     """``python -m sharded_msam_sf.export`` reads the stages' DCP checkpoint (global names) without a process
     group and writes the job's export."""
-    out, _ = jobs("pp2dp2-two_pass")
-    proc = subprocess.run([sys.executable, "-m", "sharded_msam_sf.export", str(out / "checkpoints" / "step_000006"),
-                           "--out", str(tmp_path / "export"), "--quiet"], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _max_weight_diff(tmp_path, out) == 0.0
+    assert offline_export_diff(jobs("pp2dp2-two_pass")[0], tmp_path) == 0.0
 
 
 def test_resume_under_pp2_equals_uninterrupted(jobs):

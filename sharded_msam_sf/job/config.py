@@ -335,46 +335,41 @@ class JobConfig(_Section):
         tp = self.parallel.tp
         if tp == 1:
             return
-        if self.engine.name != "fsdp2":
-            raise ConfigError(f"config key 'parallel.tp' ({tp}) needs engine.name fsdp2; engine "
-                              f"'{self.engine.name}' has no tensor parallelism in this job (set parallel.tp to 1, "
-                              "or engine.name to fsdp2)")
-        if world_size % tp:
-            raise ConfigError(f"config key 'parallel.tp' ({tp}) must divide the world size ({world_size}): "
-                              "each model replica spans tp ranks")
-        if self.model.n_head % tp:
-            raise ConfigError(f"config key 'parallel.tp' ({tp}) must divide model.n_head ({self.model.n_head}): "
-                              "each tp rank computes whole attention heads")
+        self._check_split("tp", "tensor", world_size, "n_head", "each tp rank computes whole attention heads")
         if self.model.dropout:
             raise ConfigError(f"config key 'model.dropout' ({self.model.dropout}) must be 0 with parallel.tp "
                               f"({tp}) > 1: the tp ranks would draw different dropout masks on activations that "
                               "must stay the same on all of them")
 
     def _check_pipeline(self, world_size: int) -> None:
-        """parallel.pp: engine fsdp2, no tp with it, a divisor of the world size and of the block count, an untied
+        """parallel.pp: engine fsdp2, a divisor of the world size and of the block count, no tp with it, an untied
         head (the optimizer's pipeline back end counts the stages' params as disjoint: a weight shared by the first
         and last stage would enter ||m|| twice and its two gradients would never be summed)."""
         pp = self.parallel.pp
         if pp == 1:
             return
-        if self.engine.name != "fsdp2":
-            raise ConfigError(f"config key 'parallel.pp' ({pp}) needs engine.name fsdp2; engine "
-                              f"'{self.engine.name}' has no pipeline parallelism in this job (set parallel.pp to 1, "
-                              "or engine.name to fsdp2)")
+        self._check_split("pp", "pipeline", world_size, "n_layer", "each stage holds the same number of blocks")
         if self.parallel.tp > 1:
             raise ConfigError(f"config keys 'parallel.pp' ({pp}) and 'parallel.tp' ({self.parallel.tp}): pipeline "
                               "and tensor parallelism together are not supported by this job; set one of them to 1")
-        if world_size % pp:
-            raise ConfigError(f"config key 'parallel.pp' ({pp}) must divide the world size ({world_size}): "
-                              "each model replica spans pp ranks")
-        if self.model.n_layer % pp:
-            raise ConfigError(f"config key 'parallel.pp' ({pp}) must divide model.n_layer ({self.model.n_layer}): "
-                              "each stage holds the same number of blocks")
         if self.model.tie_embeddings:
             raise ConfigError(f"config key 'model.tie_embeddings' must be false with parallel.pp ({pp}) > 1 (set "
                               "model.tie_embeddings=false): the token embedding (first stage) and the head (last "
                               "stage) would share one weight on two stages, counted twice in the optimizer's norm "
                               "and never given the sum of its two gradients")
+
+    def _check_split(self, key: str, kind: str, world_size: int, along: str, why: str) -> None:
+        """parallel.<key> > 1 needs engine fsdp2 and must divide the world size and model.<along>."""
+        n, size = getattr(self.parallel, key), getattr(self.model, along)
+        if self.engine.name != "fsdp2":
+            raise ConfigError(f"config key 'parallel.{key}' ({n}) needs engine.name fsdp2; engine "
+                              f"'{self.engine.name}' has no {kind} parallelism in this job (set parallel.{key} to 1, "
+                              "or engine.name to fsdp2)")
+        if world_size % n:
+            raise ConfigError(f"config key 'parallel.{key}' ({n}) must divide the world size ({world_size}): "
+                              f"each model replica spans {key} ranks")
+        if size % n:
+            raise ConfigError(f"config key 'parallel.{key}' ({n}) must divide model.{along} ({size}): {why}")
 
 
 def json_schema() -> dict:
