@@ -1,7 +1,7 @@
 """The main job with pipeline parallelism (``parallel.pp``, engine fsdp2, ``model.tie_embeddings=false``):
 pp=2 on 2 ranks (dp 1, 1F1B, one_pass) against the pp=1 job on 1 rank, and pp=2 x dp=2 on 4 ranks (GPipe,
 two_pass) against the pp=1 job on 2 ranks, the same global batch and micro-batches; resume under pp=2
-against the uninterrupted run; the offline export of a pp=2 checkpoint; the stages' parameter names;
+against the uninterrupted run, and of the pp=2 checkpoint at pp=1; the offline export of a pp=2 checkpoint; the stages' parameter names;
 the config's refusals.
 
 Each job is launched once per module (``jobs``) and read by several tests. The 4-rank job is started
@@ -38,10 +38,10 @@ def jobs(tmp_path_factory):
     def launch(name, out, get):
         if name == "pp2dp2-two_pass":
             return _launch_documented(out, RUN + JOBS[name][1], config=CONFIG)
-        if name == "pp2resume":  # from the uninterrupted pp=2 run's step-3 checkpoint, into a fresh out_dir
+        if name in ("pp2resume", "pp1resume"):  # the uninterrupted pp=2 run's step-3 checkpoint, a fresh out_dir
             ckpt = get("pp2-one_pass")[0] / "checkpoints" / "step_000003"
-            return run_job(CONFIG, out, *RUN, *JOBS["pp2-one_pass"][1], extra=["--resume", str(ckpt)], nproc=2,
-                           timeout=300)
+            nproc, over = JOBS["pp2-one_pass" if name == "pp2resume" else "pp1-one_pass"]
+            return run_job(CONFIG, out, *RUN, *over, extra=["--resume", str(ckpt)], nproc=nproc, timeout=300)
         nproc, over = JOBS[name]
         return run_job(CONFIG, out, *RUN, *over, nproc=nproc, timeout=300)
     return launched_once(tmp_path_factory.mktemp("pipeline"), launch)
@@ -87,6 +87,18 @@ def test_resume_under_pp2_equals_uninterrupted(jobs):
     assert train_losses(part) == {s: train_losses(full)[s] for s in (4, 5, 6)}
     assert val_losses(part) == {6: val_losses(full)[6]}
     assert _max_weight_diff(part, full) == 0.0
+
+
+def test_pp2_checkpoint_resumes_at_pp1(jobs):
+    """The stages' checkpoint (global names) loads into the whole model on 1 rank (DCP reads every stage's keys);
+    the change is reported."""
+    full, _ = jobs("pp2-one_pass")
+    part, err = jobs("pp1resume")
+    assert "parallel.pp: 2 -> 1" in err and "at step 3" in err, err[-3000:]
+    losses = _max_loss_diff(train_losses(part), {s: train_losses(full)[s] for s in (4, 5, 6)})
+    weights = _max_weight_diff(part, full)
+    print(f"PP2_CKPT_AT_PP1: train loss {losses:.2e}, weights {weights:.2e}")
+    assert losses < LOSS_TOL and weights < WEIGHT_TOL
 
 
 def test_stages_keep_the_gpts_names_and_compute_its_forward():
