@@ -4,6 +4,7 @@
 #
 #   launch/torchrun.sh                                   # 2 CPU ranks, the embedded default
 #   NPROC=4 launch/torchrun.sh --config configs/job/fsdp2-tp2-cpu.json  # FSDP2 + tensor parallel, dp 2 x tp 2
+#   NPROC=4 launch/torchrun.sh --config configs/job/fsdp2-pp2-cpu.json  # FSDP2 + pipeline parallel, pp 2 x dp 2
 #   NPROC=8 launch/torchrun.sh --config configs/job/gpt-1.3b-gpu.json --data /data/owt
 #   NNODES=2 MASTER_ADDR=node0 LOCAL_ADDR=$(hostname) NPROC=8 launch/torchrun.sh --config ...   # on each node
 #   NNODES=1:2 MASTER_ADDR=node0 MAX_RESTARTS=3 launch/torchrun.sh --config ...   # elastic: 1 to 2 nodes

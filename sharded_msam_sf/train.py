@@ -10,6 +10,10 @@ FSDP2 + tensor parallel, dp 2 x tp 2 on four CPU ranks (parallel.tp = 2)::
 
     NPROC=4 launch/torchrun.sh --config configs/job/fsdp2-tp2-cpu.json
 
+FSDP2 + pipeline parallel, pp 2 x dp 2 on four CPU ranks (parallel.pp = 2, model.tie_embeddings = false)::
+
+    NPROC=4 launch/torchrun.sh --config configs/job/fsdp2-pp2-cpu.json
+
 One GPU / one process (the global batch is kept; accumulation makes up the ranks)::
 
     python -m sharded_msam_sf.train --config configs/job/gpt-1.3b-gpu.json --data /data/owt
@@ -52,6 +56,7 @@ _NOISE = (  # deprecation chatter from torch internals that users cannot act on
     r"Please use DTensor instead and we are deprecating ShardedTensor",
     r"`_get_pg_default_device` will be deprecated",
     r"Multiple backends are registered with this ProcessGroup",
+    r"`torch.distributed.reduce_op` is deprecated",  # torch.distributed.pipelining's isinstance checks
 )
 
 

@@ -301,6 +301,12 @@ def test_config_change_on_resume(tmp_path):
     lr = cfg_for(tmp_path).optimizer_kwargs.get("lr")
     if lr is not None:
         assert check_config_change(saved, cfg_for(tmp_path, f"optimizer.params.lr={lr}"), tmp_path) == []
+    # a checkpoint written before model.tie_embeddings / parallel.pp existed: their defaults are no change
+    older = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    del older["model"]["tie_embeddings"], older["parallel"]["pp"], older["parallel"]["schedule"]
+    assert check_config_change(older, cfg_for(tmp_path), tmp_path) == []
+    with pytest.raises(CheckpointError, match=r"model\.tie_embeddings: True -> False"):
+        check_config_change(older, cfg_for(tmp_path, "model.tie_embeddings=false"), tmp_path)
 
 
 # ------------------------------------------------------------------ the run directory

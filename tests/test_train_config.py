@@ -30,7 +30,7 @@ def test_shipped_configs_validate(path):
     world = 8 if "gpu" in path.name else 2
     cfg = load_config(path, world_size=world)
     assert cfg.world_size == world
-    assert cfg.dp_size * cfg.parallel.tp == world
+    assert cfg.dp_size * cfg.parallel.tp * cfg.parallel.pp == world
     assert cfg.grad_accum * cfg.train.micro_batch_size * cfg.dp_size == cfg.train.global_batch_size
 
 

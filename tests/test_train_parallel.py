@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from sharded_msam_sf.job.config import ConfigError, load_config
 from tests.test_train_run import ROOT, _env, _free_port, exported, run_job, train_losses, val_losses
@@ -29,8 +28,9 @@ LOSS_TOL = 2e-6      # fp32 round-off of a loss near 5 (the tp ranks sum partial
 WEIGHT_TOL = 1e-5
 
 
-def _launch_documented(out, overrides) -> subprocess.CompletedProcess:
-    args = ["--config", str(ROOT / CONFIG), "--override", f"log.out_dir={out}"]
+def _launch_documented(out, overrides, config: str = CONFIG) -> subprocess.CompletedProcess:
+    """``NPROC=4 launch/torchrun.sh --config <config>`` with ``overrides``."""
+    args = ["--config", str(ROOT / config), "--override", f"log.out_dir={out}"]
     for o in overrides:
         args += ["--override", o]
     env = dict(_env(), NPROC="4", MASTER_PORT=str(_free_port()))
@@ -40,16 +40,23 @@ def _launch_documented(out, overrides) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.fixture(scope="module")
-def jobs(tmp_path_factory):
-    """name -> (out_dir, stderr), each job launched on first use."""
-    root = tmp_path_factory.mktemp("parallel")
+def launched_once(root, launch):
+    """name -> (out_dir, stderr): ``launch(name, root / name, get)`` (a CompletedProcess) runs on a name's first
+    use; ``get`` lets a job use another's output."""
     done = {}
 
     def get(name: str):
-        if name in done:
-            return done[name]
-        out = root / name
+        if name not in done:
+            out = root / name
+            done[name] = (out, launch(name, out, get).stderr)
+        return done[name]
+    return get
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """name -> (out_dir, stderr), each job launched on first use."""
+    def launch(name, out, get):
         kind, mode = name.rsplit("-", 1)
         over = RUN + MODES[mode]
         if kind == "tp2" and mode == "one_pass":
@@ -66,9 +73,8 @@ def jobs(tmp_path_factory):
             proc = run_job(CONFIG, out, *over, "parallel.tp=1", extra=["--resume", str(ckpt)], nproc=2, timeout=300)
         else:
             raise KeyError(name)
-        done[name] = (out, proc.stderr)
-        return done[name]
-    return get
+        return proc
+    return launched_once(tmp_path_factory.mktemp("parallel"), launch)
 
 
 def _max_weight_diff(a, b) -> float:
@@ -114,12 +120,17 @@ def test_export_holds_the_full_weights(jobs):
 
 def test_offline_export_of_a_tp2_checkpoint_equals_the_jobs(jobs, tmp_path):
     """``python -m sharded_msam_sf.export`` reads the dp x tp DCP checkpoint without any process group."""
-    out, _ = jobs("tp2-one_pass")
+    assert offline_export_diff(jobs("tp2-one_pass")[0], tmp_path) == 0.0
+
+
+def offline_export_diff(out, tmp_path) -> float:
+    """max |diff| between ``python -m sharded_msam_sf.export`` of the job's last (step 6) checkpoint, written
+    under tmp_path, and the job's own export."""
     proc = subprocess.run([sys.executable, "-m", "sharded_msam_sf.export", str(out / "checkpoints" / "step_000006"),
                            "--out", str(tmp_path / "export"), "--quiet"], cwd=ROOT, env=_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _max_weight_diff(tmp_path, out) == 0.0
+    return _max_weight_diff(tmp_path, out)
 
 
 def _resumed(jobs, kind: str, mode: str):

@@ -744,9 +744,12 @@ def compare_config(saved: dict, cfg, allow: tuple = ()) -> tuple[list[str], list
         new_flat[f"optimizer.params.{k}"] = new_opt.get(k)
     old_flat["optimizer.type"] = (saved.get("optimizer") or {}).get("type", "AdamWMSAMScheduleFree")
     new_flat["optimizer.type"] = now["optimizer"].get("type", "AdamWMSAMScheduleFree")
+    # a key added to the schema after the checkpoint was written (model.tie_embeddings, parallel.pp) counts as
+    # unchanged when it holds its default, the behaviour of the code that wrote the checkpoint
+    defaults = _flatten(type(cfg).model_construct().to_dict())
     refused, applied = [], []
     for key in sorted(set(old_flat) | set(new_flat)):
-        a, b = old_flat.get(key), new_flat.get(key)
+        a, b = old_flat.get(key, defaults.get(key)), new_flat.get(key)
         if a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)):
             continue
         if key in _SILENT:

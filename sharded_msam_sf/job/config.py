@@ -99,6 +99,8 @@ class ModelConfig(_Section):
     """a multiple of n_head"""
     dropout: float = Field(_G.dropout, ge=0, lt=1)
     bias: bool = _G.bias
+    tie_embeddings: bool = _G.tie_embeddings
+    """the output head shares the token embedding's weight; false (an own head) is required by parallel.pp > 1"""
 
     @model_validator(mode="after")
     def _heads(self) -> "ModelConfig":
@@ -135,14 +137,21 @@ class ParallelConfig(_Section):
     tp: int = Field(1, ge=1)
     """tensor-parallel ranks per model replica (engine fsdp2 only): attention heads and MLP columns split over
     them (sharded_msam_sf.job.tensor_parallel); must divide the world size and model.n_head"""
+    pp: int = Field(1, ge=1)
+    """pipeline stages (engine fsdp2 only; not with tp > 1): the GPT's blocks split evenly over them
+    (sharded_msam_sf.job.pipeline_parallel); must divide the world size and model.n_layer, and needs
+    model.tie_embeddings false"""
+    schedule: Literal["gpipe", "1f1b"] = "gpipe"
+    """pipeline schedule (pp > 1): all forwards then all backwards (gpipe), or one forward one backward
+    (1f1b, needs at least pp micro-batches per step)"""
 
 
 class TrainConfig(_Section):
     global_batch_size: int = Field(16, gt=0)
     """sequences per optimizer step, independent of the world size"""
     micro_batch_size: int = Field(8, gt=0)
-    """sequences per data-parallel rank per forward; global = micro x (world size / parallel.tp) x accumulation
-    steps"""
+    """sequences per data-parallel rank per forward; global = micro x (world size / (parallel.tp x parallel.pp))
+    x accumulation steps"""
     max_steps: int = Field(200, gt=0)
     grad_clip: float = 1.0
     """gradient-norm clipping, a finite number >= 0; 0 disables"""
@@ -267,8 +276,9 @@ class JobConfig(_Section):
 
     @property
     def dp_size(self) -> int:
-        """Data-parallel ranks: world size / parallel.tp (the tp ranks of one replica share its batch)."""
-        return self._world_size // self.parallel.tp
+        """Data-parallel ranks: world size / (parallel.tp x parallel.pp) (the tp ranks or pipeline stages of one
+        replica share its batch)."""
+        return self._world_size // (self.parallel.tp * self.parallel.pp)
 
     @property
     def grad_accum(self) -> int:
@@ -293,15 +303,21 @@ class JobConfig(_Section):
         if world_size < 1:
             raise ConfigError(f"world size must be >= 1, got {world_size}")
         self._check_parallel(world_size)
-        tp = self.parallel.tp
-        per_step = t.micro_batch_size * (world_size // tp)  # global = micro * dp * accumulation
+        tp, pp = self.parallel.tp, self.parallel.pp
+        per_step = t.micro_batch_size * (world_size // (tp * pp))  # global = micro * dp * accumulation
         if t.global_batch_size % per_step:
-            ranks = f"world size ({world_size})" if tp == 1 else \
-                f"data-parallel size (world size {world_size} / parallel.tp {tp} = {world_size // tp})"
+            split = f"parallel.tp {tp}" if tp > 1 else f"parallel.pp {pp}"
+            ranks = f"world size ({world_size})" if tp == pp == 1 else \
+                f"data-parallel size (world size {world_size} / {split} = {world_size // (tp * pp)})"
             raise ConfigError(
                 f"config key 'train.global_batch_size' ({t.global_batch_size}) must be a multiple of "
                 f"train.micro_batch_size ({t.micro_batch_size}) x {ranks} = {per_step}")
         self._world_size, self._grad_accum = world_size, t.global_batch_size // per_step
+        if pp > 1 and self.parallel.schedule == "1f1b" and self.grad_accum < pp:
+            raise ConfigError(
+                f"config key 'parallel.schedule': 1f1b needs at least parallel.pp ({pp}) micro-batches per step, "
+                f"got {self.grad_accum} (global batch / (micro-batch x data-parallel size)); lower "
+                "train.micro_batch_size, or use gpipe")
         self._optimizer_kwargs = optimizer_kwargs_from_config(self.optimizer)
         if (self.engine.name == "deepspeed" and self.grad_accum > 1
                 and self._optimizer_kwargs.get("sam_mode") == "two_pass"):
@@ -315,23 +331,45 @@ class JobConfig(_Section):
         """parallel.tp: engine fsdp2, a divisor of the world size and of the head count (then n_embd and the
         MLP's 4·n_embd split too), no dropout (each tp rank would draw its own masks on activations that must
         stay identical across them)."""
+        self._check_pipeline(world_size)
         tp = self.parallel.tp
         if tp == 1:
             return
-        if self.engine.name != "fsdp2":
-            raise ConfigError(f"config key 'parallel.tp' ({tp}) needs engine.name fsdp2; engine "
-                              f"'{self.engine.name}' has no tensor parallelism in this job (set parallel.tp to 1, "
-                              "or engine.name to fsdp2)")
-        if world_size % tp:
-            raise ConfigError(f"config key 'parallel.tp' ({tp}) must divide the world size ({world_size}): "
-                              "each model replica spans tp ranks")
-        if self.model.n_head % tp:
-            raise ConfigError(f"config key 'parallel.tp' ({tp}) must divide model.n_head ({self.model.n_head}): "
-                              "each tp rank computes whole attention heads")
+        self._check_split("tp", "tensor", world_size, "n_head", "each tp rank computes whole attention heads")
         if self.model.dropout:
             raise ConfigError(f"config key 'model.dropout' ({self.model.dropout}) must be 0 with parallel.tp "
                               f"({tp}) > 1: the tp ranks would draw different dropout masks on activations that "
                               "must stay the same on all of them")
+
+    def _check_pipeline(self, world_size: int) -> None:
+        """parallel.pp: engine fsdp2, a divisor of the world size and of the block count, no tp with it, an untied
+        head (the optimizer's pipeline back end counts the stages' params as disjoint: a weight shared by the first
+        and last stage would enter ||m|| twice and its two gradients would never be summed)."""
+        pp = self.parallel.pp
+        if pp == 1:
+            return
+        self._check_split("pp", "pipeline", world_size, "n_layer", "each stage holds the same number of blocks")
+        if self.parallel.tp > 1:
+            raise ConfigError(f"config keys 'parallel.pp' ({pp}) and 'parallel.tp' ({self.parallel.tp}): pipeline "
+                              "and tensor parallelism together are not supported by this job; set one of them to 1")
+        if self.model.tie_embeddings:
+            raise ConfigError(f"config key 'model.tie_embeddings' must be false with parallel.pp ({pp}) > 1 (set "
+                              "model.tie_embeddings=false): the token embedding (first stage) and the head (last "
+                              "stage) would share one weight on two stages, counted twice in the optimizer's norm "
+                              "and never given the sum of its two gradients")
+
+    def _check_split(self, key: str, kind: str, world_size: int, along: str, why: str) -> None:
+        """parallel.<key> > 1 needs engine fsdp2 and must divide the world size and model.<along>."""
+        n, size = getattr(self.parallel, key), getattr(self.model, along)
+        if self.engine.name != "fsdp2":
+            raise ConfigError(f"config key 'parallel.{key}' ({n}) needs engine.name fsdp2; engine "
+                              f"'{self.engine.name}' has no {kind} parallelism in this job (set parallel.{key} to 1, "
+                              "or engine.name to fsdp2)")
+        if world_size % n:
+            raise ConfigError(f"config key 'parallel.{key}' ({n}) must divide the world size ({world_size}): "
+                              f"each model replica spans {key} ranks")
+        if size % n:
+            raise ConfigError(f"config key 'parallel.{key}' ({n}) must divide model.{along} ({size}): {why}")
 
 
 def json_schema() -> dict:

@@ -43,20 +43,32 @@ class DistEnv:
     tp: int = 1
     """tensor-parallel ranks per model replica (parallel.tp); rank = dp_rank * tp + tp_rank"""
     mesh: object = None
-    """the dp × tp DeviceMesh when tp > 1, else None"""
+    """the dp × tp DeviceMesh when tp > 1, the pp × dp one when pp > 1, else None"""
+    pp: int = 1
+    """pipeline stages per model replica (parallel.pp; not with tp > 1); rank = pp_rank * dp_size + dp_rank"""
 
     @property
     def dp_rank(self) -> int:
-        """This rank's data-parallel index: its slice of the global batch (shared by its tp ranks)."""
-        return self.rank // self.tp
+        """This rank's data-parallel index: its slice of the global batch (shared by its tp ranks or stages)."""
+        return self.rank % self.dp_size if self.pp > 1 else self.rank // self.tp
 
     @property
     def dp_size(self) -> int:
-        return self.world_size // self.tp
+        return self.world_size // (self.tp * self.pp)
 
     @property
     def tp_rank(self) -> int:
         return self.rank % self.tp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // self.dp_size if self.pp > 1 else 0
+
+    @property
+    def reports_loss(self) -> bool:
+        """Whether this rank's losses enter the logged means: one rank per data-parallel replica (tp rank 0,
+        the last pipeline stage, which alone computes the loss)."""
+        return self.tp_rank == 0 and self.pp_rank == self.pp - 1
 
 
 def build_model(cfg: JobConfig, device: torch.device | str = "cpu") -> GPT:
@@ -66,9 +78,22 @@ def build_model(cfg: JobConfig, device: torch.device | str = "cpu") -> GPT:
         return GPT(GPTConfig(**vars(cfg.model)), activation_checkpointing=cfg.engine.activation_checkpointing)
 
 
-def _optimizer(params, cfg: JobConfig):
+def _optimizer(params, cfg: JobConfig, **extra):
     from sharded_msam_sf.optimizer import AdamWMSAMScheduleFree
-    return AdamWMSAMScheduleFree(params, **cfg.optimizer_kwargs)
+    return AdamWMSAMScheduleFree(params, **cfg.optimizer_kwargs, **extra)
+
+
+class _MicroBatches:
+    """A step's micro-batches one at a time (every engine but the pipeline's, which runs them in one schedule)."""
+
+    def backward_micro_batches(self, micro: list) -> list:
+        """Forward and backward of every (inputs, targets) of the step, gradients accumulated (the mean over
+        them); the micro-batches' losses."""
+        return [self.forward_backward(x, y, i == len(micro) - 1) for i, (x, y) in enumerate(micro)]
+
+    def forward_micro_batches(self, micro: list) -> list:
+        """The loss of every (inputs, targets), forward only."""
+        return [self.forward(x, y) for x, y in micro]
 
 
 def _dcp_options():
@@ -78,7 +103,7 @@ def _dcp_options():
     return StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-class _TorchEngine(abc.ABC):
+class _TorchEngine(_MicroBatches, abc.ABC):
     """DDP / FSDP1 / FSDP2: a torch module, our optimizer, manual accumulation and clipping."""
 
     def __init__(self, cfg: JobConfig, env: DistEnv):
@@ -86,13 +111,17 @@ class _TorchEngine(abc.ABC):
         self.module = build_model(cfg, env.device)
         self.n_params = self.module.num_params()
         self.model = self.wrap(self.module)
-        self.optimizer = _optimizer(self.model.parameters(), cfg)
+        self.optimizer = _optimizer(self.model.parameters(), cfg, **self.optimizer_extra())
         dtype = _DTYPES[cfg.engine.dtype]
         self.autocast = (torch.autocast(env.device.type, dtype=dtype) if self.use_autocast and dtype != torch.float32
                          else contextlib.nullcontext())
         self.accum = cfg.grad_accum
 
     use_autocast = True
+
+    def optimizer_extra(self) -> dict:
+        """Keyword arguments the engine adds to the optimizer's (pipeline_group= of a pipeline stage)."""
+        return {}
 
     @abc.abstractmethod
     def wrap(self, module: nn.Module) -> nn.Module:
@@ -206,6 +235,79 @@ class FSDP2Engine(_TorchEngine):
         clip_grad_norm_(self.model.parameters(), self.optimizer.backend, self.cfg.train.grad_clip)
 
 
+class FSDP2PipelineEngine(FSDP2Engine):
+    """parallel.pp > 1: this rank's stage of the GPT (sharded_msam_sf.job.pipeline_parallel), fully_shard over
+    the mesh's dp dim, one schedule call per gradient evaluation, one optimizer per stage with
+    pipeline_group= the pp group (its norm and NaN flag span all stages)."""
+
+    def __init__(self, cfg: JobConfig, env: DistEnv):
+        super().__init__(cfg, env)
+        self.module = self.model  # the stage: the other stages' modules are dropped
+
+    def wrap(self, module):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.pipelining import PipelineStage
+
+        from .pipeline_parallel import GPTStage, make_schedule
+        env = self.env
+        self.names = list(module.state_dict())  # the full model's order, for the export
+        stage = GPTStage(module, env.pp_rank, env.pp)
+        mesh = env.mesh["dp"]
+        mp = MixedPrecisionPolicy(param_dtype=_DTYPES[self.cfg.engine.dtype], reduce_dtype=torch.float32)
+        for block in stage.blocks.values():
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(stage, mesh=mesh, mp_policy=mp)
+        self.pp_group = env.mesh["pp"].get_group()
+        self.stage = PipelineStage(stage, env.pp_rank, env.pp, env.device, group=self.pp_group)
+        self.schedule = make_schedule(self.stage, self.cfg.parallel.schedule, self.cfg.grad_accum)
+        return stage
+
+    def optimizer_extra(self) -> dict:
+        return {"pipeline_group": self.pp_group}
+
+    def _run_schedule(self, micro: list, run) -> list:
+        """``run(*inputs, target=, losses=)`` (the schedule's step or eval) on the concatenated micro-batches
+        (the schedule splits them back); the micro-batches' losses on the last stage, zeros elsewhere."""
+        x, y = torch.cat([m[0] for m in micro]), torch.cat([m[1] for m in micro])
+        losses: list = []
+        if self.stage.is_first:
+            run(x)
+        elif self.stage.is_last:
+            run(target=y, losses=losses)
+        else:
+            run()
+        if not self.stage.is_last:
+            return [torch.zeros((), device=self.env.device) for _ in micro]
+        return [loss.detach().float() for loss in losses]
+
+    def backward_micro_batches(self, micro: list) -> list:
+        if len(micro) != self.cfg.grad_accum:
+            raise ValueError(f"the schedule runs {self.cfg.grad_accum} micro-batches per step, got {len(micro)}")
+        return self._run_schedule(micro, self.schedule.step)
+
+    def forward_micro_batches(self, micro: list) -> list:
+        """Forward only, ``grad_accum`` micro-batches per schedule call; the last call is padded with
+        repeats of the last micro-batch, whose losses are dropped."""
+        n, out = self.cfg.grad_accum, []
+        for i in range(0, len(micro), n):
+            chunk = micro[i: i + n]
+            out += self._run_schedule(chunk + [chunk[-1]] * (n - len(chunk)), self.schedule.eval)[:len(chunk)]
+        return out
+
+    def full_state_dict(self) -> dict | None:
+        """Every stage's full weights (gathered over dp), sent to rank 0 and merged there in the full model's
+        key order; None elsewhere. Collective."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        part = {k: v.detach().cpu() for k, v in sd.items()} if self.env.dp_rank == 0 else None
+        parts = [None] * self.env.world_size if self.env.rank == 0 else None
+        dist.gather_object(part, parts, dst=0)
+        if self.env.rank != 0:
+            return None
+        merged = {k: v for p in parts if p for k, v in p.items()}
+        return {k: merged[k] for k in self.names if k in merged}
+
+
 class FSDP1Engine(_TorchEngine):
     use_autocast = False
 
@@ -252,7 +354,7 @@ def deepspeed_config(cfg: JobConfig) -> dict:
     return ds
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(_MicroBatches):
     def __init__(self, cfg: JobConfig, env: DistEnv):
         self.cfg, self.env = cfg, env
         self.module = build_model(cfg, env.device)
@@ -312,6 +414,8 @@ ENGINES = {"ddp": DDPEngine, "fsdp2": FSDP2Engine, "fsdp1": FSDP1Engine, "deepsp
 
 
 def build_engine(cfg: JobConfig, env: DistEnv):
+    if cfg.parallel.pp > 1:  # the config allows it with fsdp2 only
+        return FSDP2PipelineEngine(cfg, env)
     return ENGINES[cfg.engine.name](cfg, env)
 
 
@@ -349,9 +453,12 @@ def init_distributed(cfg: JobConfig) -> DistEnv:
     if cfg.engine.name == "deepspeed":
         import deepspeed
         deepspeed.init_distributed(dist_backend=backend)
-    tp = cfg.parallel.tp
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
     mesh = None
     if tp > 1:
         from .tensor_parallel import make_mesh
         mesh = make_mesh(device.type, world, tp)
-    return DistEnv(rank, local, world, device, backend, tp, mesh)
+    elif pp > 1:
+        from .pipeline_parallel import make_mesh
+        mesh = make_mesh(device.type, world, pp)
+    return DistEnv(rank, local, world, device, backend, tp, mesh, pp)

@@ -1,8 +1,11 @@
 """A GPT-style decoder: pre-norm blocks, causal attention via scaled_dot_product_attention.
 
 Sizes range from a few hundred thousand parameters (the CPU default) to ~1.3B
-(configs/job/gpt-1.3b-gpu.json). The token embedding is tied to the output head.
-`Block` is the unit that FSDP wraps and that activation checkpointing recomputes.
+(configs/job/gpt-1.3b-gpu.json). The token embedding is tied to the output head unless
+``tie_embeddings`` is false (pipeline parallelism needs an own head on the last stage).
+`Block` is the unit that FSDP wraps and that activation checkpointing recomputes. The forward is
+three pieces, ``embed`` -> ``run_blocks`` -> ``head`` (+ ``lm_loss``), which the pipeline stages
+of sharded_msam_sf.job.pipeline_parallel run one part each of.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ class GPTConfig:
     n_embd: int = 64
     dropout: float = 0.0
     bias: bool = False
+    tie_embeddings: bool = True
 
 
 class CausalSelfAttention(nn.Module):
@@ -86,7 +90,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied; a module of its own so ZeRO-3 gathers it
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # tied; a module of its own so ZeRO-3 gathers it
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -106,17 +111,34 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of shape (B, T, V), or the mean cross-entropy if targets are given."""
-        t = idx.shape[1]
-        if t > self.cfg.block_size:
-            raise ValueError(f"sequence length {t} exceeds model.block_size {self.cfg.block_size}")
-        pos = torch.arange(t, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
-        for block in self.blocks:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        logits = self.lm_head(self.ln_f(x))
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        logits = head(self, run_blocks(self, embed(self, idx), self.blocks))
+        return logits if targets is None else lm_loss(logits, targets)
+
+
+def embed(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    """Token + position embeddings (with dropout) of ``model`` (a GPT or its first pipeline stage)."""
+    t = idx.shape[1]
+    if t > model.cfg.block_size:
+        raise ValueError(f"sequence length {t} exceeds model.block_size {model.cfg.block_size}")
+    pos = torch.arange(t, device=idx.device)
+    return model.drop(model.wte(idx) + model.wpe(pos))
+
+
+def run_blocks(model: nn.Module, x: torch.Tensor, blocks) -> torch.Tensor:
+    """``blocks`` in order, recomputed in backward under ``model.activation_checkpointing``."""
+    for block in blocks:
+        if model.activation_checkpointing and model.training and torch.is_grad_enabled():
+            x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
+    return x
+
+
+def head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The final LayerNorm and the output head: logits (B, T, V)."""
+    return model.lm_head(model.ln_f(x))
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy over all B x T positions (in fp32)."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))

@@ -32,13 +32,14 @@ class Diverged(RuntimeError):
 @torch.no_grad()
 def evaluate(engine, batches: Batches, device: torch.device, counted: float = 1.0) -> float:
     """Mean validation loss at the optimizer's x (eval mode), over the fixed validation set; a rank
-    adds its losses with weight ``counted`` (0 on all but one tp rank of each model replica, whose
-    losses are the same)."""
+    adds its losses with weight ``counted`` (0 on all but one rank of each model replica: the other
+    tp ranks' losses are the same, the pipeline's first stages have none)."""
     engine.optimizer.eval()
     engine.set_train(False)
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for x, y, w in batches.eval_micro_batches(device):
-        loss = engine.forward(x, y).double()
+    micro = list(batches.eval_micro_batches(device))
+    for (_, _, w), loss in zip(micro, engine.forward_micro_batches([(x, y) for x, y, _ in micro])):
+        loss = loss.double()
         total += torch.stack([loss * w, loss.new_tensor(w)]) * counted
     dist.all_reduce(total)
     engine.set_train(True)
@@ -59,7 +60,7 @@ def run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool = False) -> d
 
 def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Path, rank0: bool) -> dict:
     batches = Batches(corpus, cfg, env.dp_rank, env.dp_size)  # the tp ranks of a replica read the same batch
-    counted = float(env.tp_rank == 0)  # losses enter the logged means once per data-parallel rank
+    counted = float(env.reports_loss)  # losses enter the logged means once per data-parallel rank
     opt = engine.optimizer
     two_pass = cfg.optimizer_kwargs.get("sam_mode", "one_pass") == "two_pass"
     opt.train()
@@ -96,8 +97,10 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
     else:
         progress.message(f"new run {plan.run_id} in {out_dir}")
     ranks = f"{env.world_size} rank{'s' if env.world_size > 1 else ''}"
-    dp_ranks = ranks if env.tp == 1 else f"{env.dp_size} data-parallel rank{'s' if env.dp_size > 1 else ''}"
-    layout = "" if env.tp == 1 else f" = dp {env.dp_size} x tp {env.tp}"
+    split = env.tp > 1 or env.pp > 1
+    dp_ranks = f"{env.dp_size} data-parallel rank{'s' if env.dp_size > 1 else ''}" if split else ranks
+    layout = (f" = dp {env.dp_size} x tp {env.tp}" if env.tp > 1 else
+              f" = pp {env.pp} x dp {env.dp_size}, {cfg.parallel.schedule}" if env.pp > 1 else "")
     progress.message(f"{cfg.engine.name} ({ranks}{layout}, {env.device.type}, {cfg.engine.dtype}) | "
                      f"{engine.n_params:,} params | {corpus.description} | "
                      f"global batch {cfg.train.global_batch_size} = micro-batch {cfg.train.micro_batch_size} x "
@@ -124,18 +127,17 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
             t0 = time.perf_counter()
             torch.manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + env.dp_rank)  # dropout: resumable
             micro = list(batches.micro_batches(step, env.device))
-            losses = [engine.forward_backward(x, y, i == len(micro) - 1) for i, (x, y) in enumerate(micro)]
+            losses = engine.backward_micro_batches(micro)
             if two_pass:
                 opt.move_to_ascent()
                 ascent = optimizer_scalars(opt)  # step() resets the two_pass ascent scale
-                for i, (x, y) in enumerate(micro):
-                    engine.forward_backward(x, y, i == len(micro) - 1)
+                engine.backward_micro_batches(micro)
                 opt.move_from_ascent()
             engine.step()
             step += 1
             # one small all-reduce: the loss for the log and the stop flag (a signal may reach one rank only)
             # the mean in float64: (l0 + l1) / 2 is then the same number on 1 rank x 2 micro-batches as on 2 ranks;
-            # the loss and its count from one tp rank per replica (the mean over the data-parallel ranks)
+            # the loss and its count from one rank per replica (the mean over the data-parallel ranks)
             flags = torch.stack([torch.stack(losses).double().mean() * counted, torch.tensor(
                                  counted, dtype=torch.float64, device=env.device), torch.tensor(
                                  float(stop.signum > 0), dtype=torch.float64, device=env.device)]).to(env.device)
