@@ -115,6 +115,11 @@ def _features_ranks(rank, world, rec):
             rec(name, k=[g["k"] for g in opt.param_groups])
             opt.eval()
             rec(name, diff=S.max_diff(opt.eval_state_dict(), S.reference_run(STEPS, "one_pass")))
+            try:
+                opt.move_to_ascent()
+                rec(name, eval_mode_ascent_error=None)
+            except RuntimeError as e:
+                rec(name, eval_mode_ascent_error=str(e))
         finally:
             engine.destroy()
 
@@ -252,6 +257,15 @@ def test_gradient_accumulation_equals_the_global_batch(feature_runs, case):
     for r, v in enumerate(S.case_values(feature_runs, case)):
         assert v["k"] == [STEPS] * 2, f"rank {r}: step counters {v['k']}: the ascent moves only at the boundary"
         assert v["diff"] <= TOL, f"rank {r}: {v['diff']} from the single-process optimizer on the whole batch"
+
+
+@pytest.mark.parametrize("case", list(GAS_CASES))
+def test_facade_move_to_ascent_in_eval_mode_raises(feature_runs, case):
+    """The facade's move_to_ascent() (which runs through the ZeRO step) gives the optimizer's own
+    eval-mode error (AdamWMSAMScheduleFree.require_train)."""
+    for r, v in enumerate(S.case_values(feature_runs, case)):
+        assert (v["eval_mode_ascent_error"] or "").startswith("move_to_ascent() was called in eval mode: call "
+                                                             "optimizer.train()"), f"rank {r}: {v['eval_mode_ascent_error']}"
 
 
 @pytest.mark.parametrize("case", list(CLIP_CASES))
