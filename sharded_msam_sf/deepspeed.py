@@ -369,7 +369,7 @@ class DeepSpeedMSAMOptimizer:
         """two_pass: after ``engine.backward(loss)``, fold that gradient into m, drop it, and move
         the weights to ``y + ρ·m/||m||``. one_pass: the weights already sit at the ascent (no-op)."""
         opt = self.optimizer
-        opt._require_train("move_to_ascent()")
+        opt.require_train("move_to_ascent()")
         if opt.sam_mode == "one_pass":
             return
         if any(g["at_ascent"] for g in opt.param_groups):

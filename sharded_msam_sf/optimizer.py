@@ -502,7 +502,12 @@ class AdamWMSAMScheduleFree(Optimizer):
                         raise ValueError(f"{where}: state {key!r} of param {pid} (param_groups[{i}]) holds NaN/inf")
 
     # ------------------------------------------------------------------ modes
-    def _require_train(self, call: str) -> None:
+    def require_train(self, call: str) -> None:
+        """Raise ``RuntimeError`` naming ``call`` (e.g. ``"step()"``) unless every param group is in
+        train mode. Every training entry point (``step``, ``move_to_ascent``, ``move_from_ascent``,
+        ``skip_step``) checks it first; a wrapper that reaches the optimizer by another path (the
+        DeepSpeed facade's ``move_to_ascent()``, which runs through the engine's ZeRO step) calls
+        it to give the same error."""
         if not all(g["train_mode"] for g in self.param_groups):
             raise RuntimeError(f"{call} was called in eval mode: call optimizer.train() before training "
                                "(and optimizer.eval() before evaluating)")
@@ -555,7 +560,7 @@ class AdamWMSAMScheduleFree(Optimizer):
         the params to ``ỹ = y + ρ·m/||m||``. One-pass mode: the params already sit at
         the ascent point; this only checks that a gradient was taken there."""
         self._bind()  # late binding: before any state is created for these params
-        self._require_train("move_to_ascent()")
+        self.require_train("move_to_ascent()")
         self._check_groups("move_to_ascent()")
         if not self._has_grads():
             raise RuntimeError("move_to_ascent() needs the gradients of a first backward pass: "
@@ -592,7 +597,7 @@ class AdamWMSAMScheduleFree(Optimizer):
     def move_from_ascent(self) -> None:
         """Remove the ascent: the params return to y (exactly ``p − s·m`` with the same s, m)."""
         self._bind()  # late binding: before any state is created for these params
-        self._require_train("move_from_ascent()")
+        self.require_train("move_from_ascent()")
         if self.sam_mode == "two_pass" and not any(g["at_ascent"] for g in self.param_groups):
             raise RuntimeError("move_from_ascent() without move_to_ascent(): in two_pass mode call "
                                "move_to_ascent() after the first backward pass")
@@ -708,7 +713,7 @@ class AdamWMSAMScheduleFree(Optimizer):
         gradients are dropped, and the coming ``step()`` is skipped and counted. No collective: the
         engine's decision must be the same on every rank. ``reason`` goes into the warning."""
         self._bind()  # late binding: before any state is created for these params
-        self._require_train("skip_step()")
+        self.require_train("skip_step()")
         if ascent and self.sam_mode != "two_pass":
             raise ValueError("skip_step(ascent=True) replaces a two_pass move_to_ascent(); this optimizer is one_pass")
         changed = False
@@ -769,7 +774,7 @@ class AdamWMSAMScheduleFree(Optimizer):
         init_call = self._is_state_init_call()  # allowed in eval mode: DCP loads into a fresh optimizer
         if not init_call:  # (first: DeepSpeed's fp16 wrappers step it in deepspeed.initialize, in eval mode)
             refuse_unbound_zero(self)  # stepped inside a DeepSpeed engine without attach(): wrong ||m||
-            self._require_train("step()")
+            self.require_train("step()")
         loss = None
         if (closure is not None and not init_call and self.sam_mode == "two_pass"
                 and not any(g["ascent_taken"] for g in self.param_groups)):

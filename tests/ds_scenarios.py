@@ -281,6 +281,21 @@ def make_engine(cfg, seed: int = 0):
     return engine, opt
 
 
+def make_engine_elsewhere(cfg, seed: int = 0):
+    """``deepspeed.initialize(optimizer=ours)`` with ours built as HF's create_optimizer does (no
+    ``backend=``), the engine not attached: ``(engine, optimizer)``."""
+    import deepspeed
+
+    from sharded_msam_sf.deepspeed_config import client_config
+    model = make_model(seed)
+    p = cfg["optimizer"]["params"]
+    opt = AdamWMSAMScheduleFree(param_groups(model, p["lr"]), lr=p["lr"], rho=p["rho"], sam_mode=p["sam_mode"],
+                                betas=tuple(p["betas"]), weight_decay=p["weight_decay"],
+                                warmup_steps=p["warmup_steps"])
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=client_config(cfg))
+    return engine, opt
+
+
 # ---------------------------------------------------------------------- many cases, one start-up
 def _cases_entry(rank: int, world: int, fn: Callable, out_dir: str, args: tuple) -> None:
     """Rank entry of :func:`run_cases`: ``fn(rank, world, record, *args)``; ``record(case, **values)``

@@ -71,19 +71,9 @@ def _ranks(rank, world, rec):
     from sharded_msam_sf.deepspeed import attach, register, unregister
     from sharded_msam_sf.deepspeed_config import client_config
 
-    def built_elsewhere(cfg):
-        """deepspeed.initialize(optimizer=ours) with ours built as HF's create_optimizer does (no backend=)."""
-        model = S.make_model()
-        p = cfg["optimizer"]["params"]
-        opt = AdamWMSAMScheduleFree(S.param_groups(model, p["lr"]), lr=p["lr"], rho=p["rho"], sam_mode=p["sam_mode"],
-                                    betas=tuple(p["betas"]), weight_decay=p["weight_decay"],
-                                    warmup_steps=p["warmup_steps"])
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=client_config(cfg))
-        return engine, opt
-
     def attached(name, stage, mode, dtype):
         cfg = S.ds_config(stage, "bf16", mode, bf16_optimizer=True) if dtype == "bf16opt" else S.ds_config(stage, "fp32", mode)
-        engine, _ = built_elsewhere(cfg)
+        engine, _ = S.make_engine_elsewhere(cfg)
         try:
             opt = attach(engine)
             rec(name, idempotent=attach(engine) is opt and attach(engine.optimizer) is opt)
@@ -95,7 +85,7 @@ def _ranks(rank, world, rec):
             engine.destroy()
 
     def unattached(name):
-        engine, ours = built_elsewhere(S.ds_config(2, "fp32", "one_pass"))
+        engine, ours = S.make_engine_elsewhere(S.ds_config(2, "fp32", "one_pass"))
         try:
             ours.train()
             x, y = S.batch(0)

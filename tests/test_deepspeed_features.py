@@ -23,6 +23,10 @@ FP16_CASES = {f"zero{st}/fp16/{mode}{'/offload' if off else ''}/overflow_in_{whi
                                            (2, "two_pass", "first", False), (3, "two_pass", "second", False),
                                            (3, "two_pass", "first", True))}
 GAS_CASES = {f"zero{st}/fp32/one_pass/gas2": st for st in (2, 3)}
+# (stage, plant NaN in the masters' padding before attach()): ZeRO-3 allocates its partitions with
+# torch.empty (the tiny model's 3-element bias leaves 1 padding element on rank 1); ZeRO-2's flat
+# groups are padded with zeros by DeepSpeed itself
+PADDING_CASES = {"zero3/fp32/one_pass/nan_in_padding": (3, True), "zero2/fp32/one_pass/padding": (2, False)}
 CLIP_CASES = {"zero1/fp32/one_pass/clip0.05": (1, "one_pass"), "zero3/fp32/two_pass/clip0.05": (3, "two_pass")}
 
 
@@ -36,12 +40,31 @@ def _snapshot(engine, opt):
 
 
 def _same(a, b):
-    """Bit-for-bit the same values, NaN where NaN was. ZeRO-3's flat fp32 partition of the last rank
-    ends in alignment padding that DeepSpeed leaves uninitialised; z is cloned from it, so its padding
-    can hold NaN (rank 1 only, about 1 run in 10), which torch.equal would count as a change."""
+    """Bit-for-bit the same values (the ZeRO-3 partitions' alignment padding included: the driver
+    zeros it when binding, see test_zero3_padding_is_zero_and_stays_zero)."""
     import torch
-    return a.keys() == b.keys() and all(
-        a[k].shape == b[k].shape and torch.allclose(a[k], b[k], rtol=0.0, atol=0.0, equal_nan=True) for k in a)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _padding_values(engine, opt):
+    """The values in the padding of the fp32 masters and of each optimizer state made from them:
+    ZeRO-3 by :func:`~sharded_msam_sf.backends.zero.zero3_padding`, ZeRO-1/2 the last
+    ``groups_padding[i]`` elements of the last rank's flat partition."""
+    import torch
+    from sharded_msam_sf.backends.zero import zero3_padding
+    zero = engine.optimizer
+    if hasattr(zero, "fp32_partitioned_groups_flat"):
+        ranges = zero3_padding(zero)
+    else:
+        ranges = [(flat, flat.numel() - pad, flat.numel())
+                  for flat, pad in zip(zero.single_partition_of_fp32_groups, zero.groups_padding) if pad]
+    out = {"master": [], "z": [], "exp_avg_sq": [], "exp_avg": []}
+    for flat, start, end in ranges:
+        out["master"] += flat.detach()[start:end].tolist()
+        for key, value in opt.optimizer.state.get(flat, {}).items():
+            if isinstance(value, torch.Tensor) and value.shape == flat.shape:
+                out[key] += value[start:end].tolist()
+    return out
 
 
 def _features_ranks(rank, world, rec):
@@ -92,6 +115,11 @@ def _features_ranks(rank, world, rec):
             rec(name, k=[g["k"] for g in opt.param_groups])
             opt.eval()
             rec(name, diff=S.max_diff(opt.eval_state_dict(), S.reference_run(STEPS, "one_pass")))
+            try:
+                opt.move_to_ascent()
+                rec(name, eval_mode_ascent_error=None)
+            except RuntimeError as e:
+                rec(name, eval_mode_ascent_error=str(e))
         finally:
             engine.destroy()
 
@@ -108,6 +136,39 @@ def _features_ranks(rank, world, rec):
         finally:
             engine.destroy()
 
+    def padding(name, stage, plant):
+        """Built elsewhere and attached, NaN planted in the masters' padding before attach()."""
+        from sharded_msam_sf.backends.zero import zero3_padding
+        from sharded_msam_sf.deepspeed import attach
+        cfg = S.ds_config(stage, "fp32", "one_pass")
+        engine, _ = S.make_engine_elsewhere(cfg)
+        try:
+            planted = 0
+            if plant:
+                for flat, start, end in zero3_padding(engine.optimizer):
+                    flat.data[start:end] = float("nan")
+                    planted += end - start
+            opt = attach(engine)
+            rec(name, planted=planted, at_bind=_padding_values(engine, opt)["master"])
+            opt.train()
+            S.ds_train(engine, opt, STEPS, "one_pass")
+            rec(name, after_steps=_padding_values(engine, opt))
+            opt.eval()
+            x = opt.eval_state_dict()
+        finally:
+            engine.destroy()
+        engine, opt = S.make_engine(cfg)  # the same run, nothing planted
+        try:
+            opt.train()
+            S.ds_train(engine, opt, STEPS, "one_pass")
+            opt.eval()
+            rec(name, vs_unplanted=S.max_diff(x, opt.eval_state_dict()),
+                vs_reference=S.max_diff(x, S.reference_run(STEPS, "one_pass")))
+        finally:
+            engine.destroy()
+
+    for name, args in PADDING_CASES.items():
+        rec.case(name, lambda: padding(name, *args))
     for name, args in FP16_CASES.items():
         rec.case(name, lambda: fp16(name, *args))
     for name, stage in GAS_CASES.items():
@@ -119,6 +180,27 @@ def _features_ranks(rank, world, rec):
 @pytest.fixture(scope="module")
 def feature_runs(tmp_path_factory):
     return S.run_cases(_features_ranks, tmp_path_factory.mktemp("ds_features"))
+
+
+@pytest.mark.parametrize("case", list(PADDING_CASES))
+def test_partition_padding_is_zero_and_stays_zero(feature_runs, case):
+    """The masters' alignment padding is zero after attach() (NaN planted there under ZeRO-3), and
+    z, v, m and the masters hold zeros there after the steps."""
+    values = S.case_values(feature_runs, case)
+    if PADDING_CASES[case][0] == 3:
+        assert sum(v["planted"] for v in values) > 0, "no rank has ZeRO-3 padding: the test checks nothing"
+    for r, v in enumerate(values):
+        assert all(t == 0.0 for t in v["at_bind"]), f"rank {r}: master padding after attach(): {v['at_bind']}"
+        for key, got in v["after_steps"].items():
+            assert all(t == 0.0 for t in got), f"rank {r}: {key} padding after {STEPS} steps: {got}"
+        assert len(v["after_steps"]["z"]) == len(v["at_bind"]), f"rank {r}: no optimizer state on the padding"
+
+
+@pytest.mark.parametrize("case", list(PADDING_CASES))
+def test_partition_padding_does_not_change_the_trajectory(feature_runs, case):
+    for r, v in enumerate(S.case_values(feature_runs, case)):
+        assert v["vs_unplanted"] == 0.0, f"rank {r}: differs from the run without NaN by {v['vs_unplanted']}"
+        assert v["vs_reference"] <= TOL, f"rank {r}: {v['vs_reference']} from the single-process optimizer"
 
 
 @pytest.mark.parametrize("case", list(FP16_CASES))
@@ -175,6 +257,15 @@ def test_gradient_accumulation_equals_the_global_batch(feature_runs, case):
     for r, v in enumerate(S.case_values(feature_runs, case)):
         assert v["k"] == [STEPS] * 2, f"rank {r}: step counters {v['k']}: the ascent moves only at the boundary"
         assert v["diff"] <= TOL, f"rank {r}: {v['diff']} from the single-process optimizer on the whole batch"
+
+
+@pytest.mark.parametrize("case", list(GAS_CASES))
+def test_facade_move_to_ascent_in_eval_mode_raises(feature_runs, case):
+    """The facade's move_to_ascent() (which runs through the ZeRO step) gives the optimizer's own
+    eval-mode error (AdamWMSAMScheduleFree.require_train)."""
+    for r, v in enumerate(S.case_values(feature_runs, case)):
+        assert (v["eval_mode_ascent_error"] or "").startswith("move_to_ascent() was called in eval mode: call "
+                                                             "optimizer.train()"), f"rank {r}: {v['eval_mode_ascent_error']}"
 
 
 @pytest.mark.parametrize("case", list(CLIP_CASES))

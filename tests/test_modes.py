@@ -73,6 +73,16 @@ def test_step_in_eval_mode_raises():
         opt.step()
 
 
+def test_require_train_is_the_public_mode_check():
+    """What wrappers (the DeepSpeed facade) call for the optimizer's own eval-mode error."""
+    model = tiny_mlp()
+    opt = AdamWMSAMScheduleFree(model.parameters())
+    with pytest.raises(RuntimeError, match=r"move_to_ascent\(\) was called in eval mode: call optimizer.train\(\)"):
+        opt.require_train("move_to_ascent()")
+    opt.train()
+    opt.require_train("move_to_ascent()")  # train mode: no error
+
+
 def test_move_to_ascent_twice_raises():
     model, opt, x, y = _trained("two_pass", steps=1)
     mse(model, x, y).backward()

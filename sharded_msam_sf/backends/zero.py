@@ -58,6 +58,9 @@ hooks).
   ``mpu`` (a PipelineEngine's grid), each bit16 param's ``_hp_mapping.get_hp_fragment_address()``
   (ZeRO-1/2, BF16: ``bit16_groups`` / ``bf16_groups``), ZeRO-3 ``p.partition_numel()``, and
   ``PipelineModule.tied_comms``; :class:`DeepSpeedBackend` then reduces over the world, weighted.
+- ZeRO-3 alignment padding (:func:`zero3_padding`): read, each param's ``partition_numel()``,
+  ``ds_numel`` and ``ds_process_group``; DeepSpeed leaves the padding of its partitions
+  uninitialised, and :meth:`ZeroDriver.clear_padding` zeros it in the fp32 masters when binding.
 - ZeRO-3 empties ``param_groups[i]['params']`` between steps: they are filled for a call
   out of the step with ``_set_fp32_optimizer_param_groups()`` /
   ``_clear_fp32_optimizer_param_groups()``, as its ``state_dict()`` does.
@@ -244,6 +247,30 @@ def use_model_parallel_layout(engine: Any, zero: Any, kind: str, backend: DeepSp
     backend.reduction = Reduction(layout.group, 1, None, weighted=True)
 
 
+def zero3_padding(zero: Any) -> list:
+    """``(flat, start, end)``: the element ranges of ZeRO-3's fp32 flat partitions that are alignment
+    padding. A sub-group's flat is its params' partitions in order, ``n = p.partition_numel()``
+    elements each, the param padded to ``n · world`` elements; rank ``r`` of the param's partition
+    group holds elements ``[r·n, (r+1)·n)``, of which those at or past ``p.ds_numel`` are padding.
+    DeepSpeed allocates each partition with ``torch.empty`` and copies only the param's elements in,
+    so the padding (the end of the last ranks' partitions) holds whatever the memory held, NaN at
+    times; its fp32 master is a copy of it."""
+    out = []
+    for params, flat in zip(zero.fp16_groups, zero.fp32_partitioned_groups_flat):
+        at = 0
+        for p in params:
+            n = int(p.partition_numel())
+            rank = dist.get_rank(group=getattr(p, "ds_process_group", zero.dp_process_group))
+            valid = min(n, max(0, int(p.ds_numel) - rank * n))
+            if valid < n:
+                out.append((flat, at + valid, at + n))
+            at += n
+        if at != flat.numel():
+            raise NotImplementedError(f"ZeRO-3: a sub-group's fp32 partition has {flat.numel()} elements, its "
+                                      f"params' partitions {at}: this DeepSpeed version's layout is not supported")
+    return out
+
+
 class _AscentStandIn:
     """Our optimizer as BF16_Optimizer sees it during ``ZeroDriver.ascent()``: ``step()`` is the
     gathered ``move_to_ascent()``; everything else (state, param_groups) is the optimizer's."""
@@ -298,6 +325,7 @@ class ZeroDriver:
         self._pending: Dict[int, Optional[Tensor]] = {}  # (sub-)group -> its gradient partition
         self._deepspeed_step = self.zero.step
         self.zero.step = self._step
+        self.clear_padding()
         if self.kind == "zero12":
             self.zero._optimizer_step = self._zero12_group_step
         elif self.kind == "zero3":
@@ -362,6 +390,21 @@ class ZeroDriver:
             for s in range(len(fp32)):
                 if s != sub_group_id:  # DeepSpeed puts the current sub-group's weights in place itself
                     zero._reassign_or_swap_out_partitioned_parameters(s)
+
+    @torch.no_grad()
+    def clear_padding(self) -> None:
+        """Zero the alignment padding of the fp32 masters and of the optimizer state made from them
+        (:func:`zero3_padding`), so that z (a clone of the master), v and m hold zeros there. The
+        padding stays zero: its gradient is zero (DeepSpeed's gradient buffer is zero-filled), so
+        every update keeps it at 0. Called when binding."""
+        if self.kind != "zero3":
+            return  # ZeRO-1/2 and BF16 pad their flat groups with torch.zeros (align_dense_tensors)
+        state = self.optimizer.state
+        for flat, start, end in zero3_padding(self.zero):
+            flat.data[start:end].zero_()
+            for value in state.get(flat, {}).values():
+                if isinstance(value, Tensor) and value.shape == flat.shape:
+                    value[start:end].zero_()
 
     def _masters(self):
         """The fp32 master partitions, one per (sub-)group."""
