@@ -39,6 +39,19 @@ def test_deepspeed_zero3_params_are_recognised_first():
     assert engine_kind([p], process_group=object()) == "deepspeed"
 
 
+def test_optimizer_builds_on_zero3_partitioned_params():
+    """What HF ``from_pretrained`` under ZeRO-3 hands the optimizer: params that ``zero.Init``
+    already partitioned (``ds_id``). The rule's back end must import and bind late (it once named a
+    module that had been renamed: ``ModuleNotFoundError`` at construction)."""
+    from sharded_msam_sf.backends.zero import DeepSpeedBackend
+    params = [torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.zeros(0))]
+    for i, p in enumerate(params):
+        p.ds_id = i
+    for mode in ("one_pass", "two_pass"):
+        opt = AdamWMSAMScheduleFree(params, sam_mode=mode)
+        assert isinstance(opt.backend, DeepSpeedBackend), type(opt.backend)
+
+
 def test_share_replicas_are_validated():
     with pytest.raises(ValueError, match="Invalid replicas: 0"):
         Share(LOCAL, 0)

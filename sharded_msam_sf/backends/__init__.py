@@ -7,7 +7,7 @@ that applies wins):
 order   when                                        back end
 ======  ==========================================  ============================================
 1       ``backend=`` is given                       that one, as given
-2       a parameter is a DeepSpeed ZeRO-3 param     :class:`~.deepspeed.DeepSpeedBackend` (its
+2       a parameter is a DeepSpeed ZeRO-3 param     :class:`~.zero.DeepSpeedBackend` (its
         (``ds_id``)                                 driver binds it to the engine)
 3       a parameter is a DTensor (FSDP2             :class:`~.fsdp2.FSDP2Backend` (1-D mesh, HSDP
         ``fully_shard``, HSDP)                      mesh)
@@ -88,7 +88,7 @@ def is_ddp_model(model: Optional[torch.nn.Module]) -> bool:
 
 # ---------------------------------------------------------------- the rule
 def _deepspeed(params, process_group, model) -> Backend:
-    from .deepspeed import DeepSpeedBackend
+    from .zero import DeepSpeedBackend
     return DeepSpeedBackend()
 
 
