@@ -21,8 +21,9 @@ training batches. :func:`recalibrate` does it exactly and across data-parallel r
    ``num_batches_tracked`` = the number of batches combined, summed over the ranks, so every rank holds
    the same buffers;
 5. every module's ``training`` flag, and the optimizer's mode, are put back as they were; torch's random
-   number generators (CPU and the model's accelerator) are restored, so dropout in the passes and a
-   re-iterated shuffled loader do not change the rest of the run.
+   number generators (CPU and the model's accelerator, and a DataLoader's / its sampler's own Generator)
+   are restored, so dropout in the passes and a re-iterated shuffled loader do not change the rest of the
+   run.
 
 Modules without running statistics (LayerNorm, GroupNorm, BatchNorm with ``track_running_stats=False``)
 are not touched. InstanceNorm with ``track_running_stats=True`` keeps an average of per-instance
@@ -152,6 +153,19 @@ def _combine(moments: List[_Moments], group: Any, device: torch.device) -> None:
             mod.num_batches_tracked.fill_(int(nbt))
 
 
+def _generators(batches: Any) -> List[torch.Generator]:
+    """The torch Generators a DataLoader's shuffling draws from (its own, its sampler's, its batch
+    sampler's sampler's): iterating it again would advance them, and so change the next epoch's order."""
+    found: List[torch.Generator] = []
+    cands = [batches, getattr(batches, "sampler", None), getattr(batches, "batch_sampler", None),
+             getattr(getattr(batches, "batch_sampler", None), "sampler", None)]
+    for c in cands:
+        g = getattr(c, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not f for f in found):
+            found.append(g)
+    return found
+
+
 def _train_mode(optimizer: Any) -> bool:
     groups = getattr(optimizer, "param_groups", None)
     if not groups or "train_mode" not in groups[0]:
@@ -207,6 +221,7 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], num_batches: int = 50,
     comm_device = device if (dist.is_available() and dist.is_initialized()
                              and dist.get_backend(process_group) != "gloo") else torch.device("cpu")
     flags = [(m, m.training) for m in model.modules()]
+    gens = [(g, g.get_state()) for g in _generators(batches)]
     moments = [_Moments(m) for m in modules]
     handles = [m.register_forward_pre_hook(h) for m, h in zip(modules, moments)]
     rng_devices = [device] if device.type == "cuda" else []
@@ -224,6 +239,8 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], num_batches: int = 50,
                         break
                     forward(model, batch)
         finally:
+            for g, st in gens:
+                g.set_state(st)
             for h in handles:
                 h.remove()
             for m, training in flags:
