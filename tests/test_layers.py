@@ -16,10 +16,10 @@ LAYERS = [
     (1, ("reference", "backends", "backends.pipeline", "config", "jsonfile", "local_ranks", "weights_io",
          "decay_groups", "backends.zero_universal")),                                   # oracle, engines, schemas
     (2, ("optimizer",)),                                                                # the optimizer
-    (3, ("deepspeed", "deepspeed_config", "analysis")),                                # engine glue, analysis
+    (3, ("deepspeed", "deepspeed_config", "analysis", "bn", "portable")),            # engine glue, analysis, BN, portable state
     (4, ("integrations",)),                                                             # HF, Lightning
     (5, ("job", "train")),                                                              # the main job
-    (6, ("export", "checkpoint")),                        # offline tools that read the job's checkpoints
+    (6, ("export", "checkpoint", "convert")),             # offline tools that read the job's checkpoints
     (7, ("",)),                                                                         # the package root
 ]
 
