@@ -161,7 +161,8 @@ def _from_y(y: Tensor, st: Dict[str, Tensor], g: Dict[str, Any]) -> Tensor:
 # ---------------------------------------------------------------------- live optimizer <-> portable
 def _options(full: bool, strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(full_state_dict=full, cpu_offload=full, strict=strict)
+    # no cpu_offload: with full_state_dict it leaves the state on rank 0 only; every rank needs it here
+    return StateDictOptions(full_state_dict=full, cpu_offload=False, strict=strict)
 
 
 def _ours(optimizer: Any) -> Any:
@@ -198,6 +199,8 @@ def from_optimizer(model: torch.nn.Module, optimizer: Any, *, full: bool = True)
     for n, t in model_sd.items():
         if n not in params and isinstance(t, Tensor):
             tensors[f"buffer/{n}"] = t.detach().clone()
+    if full:
+        tensors = {k: v.to("cpu") for k, v in tensors.items()}
     out = Portable(tensors, groups)
     out.check("from_optimizer")
     return out
