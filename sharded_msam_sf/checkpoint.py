@@ -145,7 +145,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     u.add_argument("out")
     u.add_argument("--workers", type=int, default=1)
     from .convert import add_subcommand
-    add_subcommand(sub)  # convert: portable checkpoints (sharded_msam_sf.convert)
+    add_subcommand(sub, to_universal)  # convert: portable checkpoints (sharded_msam_sf.convert)
     args = ap.parse_args(argv)
     if getattr(args, "run", None) is not None:
         return args.run(args)
