@@ -18,7 +18,7 @@ The config is an ordinary DeepSpeed config whose optimizer section names ours::
     "optimizer": {"type": "AdamWMSAMScheduleFree",
                   "params": {"lr": 0.0025, "rho": 1.0, "sam_mode": "one_pass", "weight_decay": 0.1}}
 
-That section is validated (:mod:`sharded_msam_sf.deepspeed_config`: unknown keys and bad
+That section is validated (:mod:`sharded_msam_sf.deepspeed.ds_config`: unknown keys and bad
 values are :class:`~sharded_msam_sf.config.ConfigError`\\ s naming the key) and removed;
 everything else goes to ``deepspeed.initialize`` untouched, with
 ``zero_allow_untested_optimizer`` set. The second element of the returned tuple is a
@@ -45,7 +45,7 @@ or, before any engine is built, :func:`register`: then every ``deepspeed.initial
 ours from a config that names it, and attaches ours wherever it is the engine's optimizer.
 
 How the optimizer is coupled to DeepSpeed's ZeRO optimizers (and every DeepSpeed internal
-that takes): :mod:`sharded_msam_sf.backends.zero`.
+that takes): :mod:`sharded_msam_sf.deepspeed.driver`.
 """
 from __future__ import annotations
 
@@ -56,13 +56,16 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 import torch
 import torch.distributed as dist
 
-from .backends.zero import DeepSpeedBackend, ZeroDriver, bind, full_fp32_state_dict, load_universal, wrapper_classes
-from .backends.zero_parallel import refuse_pipeline_two_pass
-from .config import ConfigError, grouping_from_config, is_our_optimizer, optimizer_kwargs_from_config
+from ..backends.zero import DeepSpeedBackend, wrapper_classes
+from ..config import ConfigError, grouping_from_config, is_our_optimizer, optimizer_kwargs_from_config
+from ..hyperparams import DEFAULTS
+from ..optimizer import AdamWMSAMScheduleFree
 from .decay_groups import decay_groups
-from .deepspeed_config import check_deepspeed_config, client_config, load_deepspeed_config
-from .hyperparams import DEFAULTS
-from .optimizer import AdamWMSAMScheduleFree
+from .driver import ZeroDriver, bind
+from .ds_config import check_deepspeed_config, client_config, load_deepspeed_config
+from .parallel import refuse_pipeline_two_pass
+from .universal import load_universal
+from .weights import full_fp32_state_dict
 
 __all__ = ["initialize", "attach", "register", "unregister", "registered", "facade_of", "find_optimizer",
            "init_distributed", "DeepSpeedMSAMOptimizer", "ConfigError", "load_universal"]
@@ -80,7 +83,7 @@ def init_distributed(dist_backend: Optional[str] = None, **kwargs: Any) -> None:
     """
     import deepspeed
     if not (dist.is_available() and dist.is_initialized()):
-        from .launch_env import export
+        from ..launch_env import export
         if "distributed_port" in kwargs:
             os.environ.setdefault("MASTER_PORT", str(kwargs["distributed_port"]))
         export()
@@ -99,7 +102,7 @@ def initialize(model: torch.nn.Module = None,
     ``optimizer`` is a :class:`DeepSpeedMSAMOptimizer`. ``model_parameters`` (params or
     param-group dicts, default: the model's trainable params) become the optimizer's
     param groups (``"no_decay_bias_and_norm": true`` in the section's params: split into the HF
-    Trainer's weight-decay groups, :mod:`sharded_msam_sf.decay_groups`). Other keyword arguments (``training_data``, ``lr_scheduler``,
+    Trainer's weight-decay groups, :mod:`sharded_msam_sf.deepspeed.decay_groups`). Other keyword arguments (``training_data``, ``lr_scheduler``,
     ``mpu``, ``collate_fn``, ...) go to ``deepspeed.initialize``. A config whose
     optimizer is not ours is handed to ``deepspeed.initialize`` as it is.
     """
@@ -138,7 +141,7 @@ def initialize(model: torch.nn.Module = None,
 
 def _grouped(section: Mapping[str, Any], model: torch.nn.Module, params: Any, opt_kwargs: Dict[str, Any]) -> Any:
     """``params``, or with ``"no_decay_bias_and_norm": true`` the HF Trainer's two weight-decay groups
-    (:func:`~sharded_msam_sf.decay_groups.decay_groups`; the section's weight_decay, and 0 for biases and norms)."""
+    (:func:`~sharded_msam_sf.deepspeed.decay_groups.decay_groups`; the section's weight_decay, and 0 for biases and norms)."""
     if not grouping_from_config(section)["no_decay_bias_and_norm"]:
         return params
     try:
@@ -251,13 +254,13 @@ def register() -> None:
     After it, a DeepSpeed config whose optimizer section is
     ``{"type": "AdamWMSAMScheduleFree", "params": {...}}`` builds ours (the section validated as
     :func:`initialize` does: bad keys and values are ConfigErrors naming them; the rest of the
-    config checked by :func:`~sharded_msam_sf.deepspeed_config.check_deepspeed_config`;
+    config checked by :func:`~sharded_msam_sf.deepspeed.ds_config.check_deepspeed_config`;
     ``"no_decay_bias_and_norm": true`` splits the engine's parameter list into the HF Trainer's two
     weight-decay groups, by the engine module's parameter names), and
     every engine whose optimizer is an :class:`AdamWMSAMScheduleFree` — from the config or passed
     as ``optimizer=`` — is bound by :func:`attach` when it is built. This is the JSON route of the HF
     Trainer (``TrainingArguments(deepspeed=...)``), Accelerate's DeepSpeed plugin and Lightning.
-    Which DeepSpeed methods it replaces, and why: :mod:`sharded_msam_sf.backends.zero`."""
+    Which DeepSpeed methods it replaces, and why: :mod:`sharded_msam_sf.deepspeed.driver`."""
     from deepspeed.runtime.engine import DeepSpeedEngine
     if _ORIGINALS:
         return
@@ -402,7 +405,7 @@ class DeepSpeedMSAMOptimizer:
 
     def eval_state_dict(self, rank0_only: bool = False) -> Optional[Dict[str, torch.Tensor]]:
         """The eval-mode (x) weights of ``engine.module`` as a full fp32 ``state_dict`` on the CPU:
-        :func:`~sharded_msam_sf.backends.zero.full_fp32_state_dict` (the fp32 masters, not rounded
+        :func:`~sharded_msam_sf.deepspeed.full_fp32_state_dict` (the fp32 masters, not rounded
         to a bf16/fp16 model's dtype). Collective: every rank must call it. In train mode the
         optimizer is switched to eval for the export and back."""
         if self.module is None:
@@ -421,7 +424,7 @@ class DeepSpeedMSAMOptimizer:
         """Write :meth:`eval_state_dict` on rank 0 as the export directory ``path`` (``model.safetensors``
         + ``export.json``: :mod:`sharded_msam_sf.weights_io`; read back with ``load_weights(path)``);
         collective. ``python -m sharded_msam_sf.export`` writes the same file from a checkpoint."""
-        from .weights_io import save_weights
+        from ..weights_io import save_weights
         sd = self.eval_state_dict(rank0_only=True)
         if sd is not None:
             save_weights(sd, path, {"weights": "x", "step": int(self.engine.global_steps)})
