@@ -12,6 +12,13 @@ names no engine; what it sees of DeepSpeed's tensors is :mod:`sharded_msam_sf.ba
         engine.step()
     optimizer.eval()                       # engine.module now computes with the averaged x
 
+An engine built by someone else around our optimizer (``deepspeed.initialize(...,
+optimizer=AdamWMSAMScheduleFree(params))``): ``optimizer = attach(engine)``; or, before any engine
+is built, :func:`register` (then every ``deepspeed.initialize`` builds ours from a config that names
+it and attaches it). Checkpoints: ``engine.save_checkpoint``/``load_checkpoint`` at the same world
+size and ZeRO stage; at another, ``python -m sharded_msam_sf.checkpoint to-universal CKPT OUT`` and
+:func:`load_universal` ``(engine, OUT)`` (docs/checkpoints.md).
+
 =====================  ===========================================================================
 module                 what it holds
 =====================  ===========================================================================
@@ -32,8 +39,8 @@ from __future__ import annotations
 
 from ..config import ConfigError
 from .facade import DeepSpeedMSAMOptimizer, attach, facade_of, find_optimizer
-from .facade import init_distributed, initialize
-from .facade import register, registered, unregister
+from .initialize import init_distributed, initialize
+from .register import register, registered, unregister
 from .universal import UniversalCheckpointError, load_universal
 from .weights import full_fp32_state_dict, gathered
 
