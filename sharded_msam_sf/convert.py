@@ -35,7 +35,7 @@ def from_universal(path: Path) -> Portable:
     ``zero/optimizer_state.pt``, the group membership (fqns in order) from ``param_shapes`` and the
     buffers from ``module`` of ``mp_rank_00_model_states.pt``. The fp32 masters are the params in the
     saved mode; they are stored as y like every portable checkpoint."""
-    from .backends.zero_universal import UniversalCheckpointError, _check, _load
+    from .deepspeed.universal import UniversalCheckpointError, _check, _load
     path = Path(path)
     try:
         model_sd = _load(path / "mp_rank_00_model_states.pt")
