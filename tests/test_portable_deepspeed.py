@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2 / ZeRO-3 (2 ranks) → portable → FSDP2 (2 ranks) and → one process: the resumed run
+"""DeepSpeed ZeRO-2 / ZeRO-3 (2 ranks) → portable → FSDP2 (2 ranks), DDP (2 ranks) and one process: the resumed run
 equals the uninterrupted single-process run (≤ 1e-6 fp32), both modes. One 2-rank start-up: the ranks
 train K steps under DeepSpeed and save; rank 0 converts (``convert``, which runs ``to_universal``); the
 ranks resume under FSDP2; the single-process resumes run here."""
@@ -71,6 +71,12 @@ def _ranks(rank, world, record, out_dir):
                 plain_train(model, fopt, mode, K, N, rank, world)
                 from tests.sharded_common import full_weights
                 record(case, fsdp2={k: v.tolist() for k, v in full_weights(model).items()})
+                from torch.nn.parallel import DistributedDataParallel as DDP
+                inner = S.make_model(seed=11)
+                dopt = make_opt(inner, mode)
+                P.to_optimizer(P.load_file(out / f"{case}-portable" / "portable.safetensors"), inner, dopt)
+                plain_train(DDP(inner), dopt, mode, K, N, rank, world)
+                record(case, ddp={n: q.detach().tolist() for n, q in inner.named_parameters()})
             record.case(case, body)
 
 
@@ -88,10 +94,11 @@ def test_zero_to_fsdp2_and_single_process(runs, stage, mode):
     case = f"zero{stage}-{mode}"
     ref = S.reference_run(N, mode)
     for r, values in enumerate(S.case_values(results, case)):
-        got = {k: torch.tensor(v) for k, v in values["fsdp2"].items()}
-        diff = S.max_diff(ref, got)
-        print(f"DIFF zero{stage}->fsdp2 {mode} rank {r} {diff:.2e}")
-        assert diff <= TOL
+        for engine in ("fsdp2", "ddp"):
+            got = {k: torch.tensor(v) for k, v in values[engine].items()}
+            diff = S.max_diff(ref, got)
+            print(f"DIFF zero{stage}->{engine} {mode} rank {r} {diff:.2e}")
+            assert diff <= TOL
     model = S.make_model(seed=9)
     opt = make_opt(model, mode)
     p = P.load_file(out / f"{case}-portable" / "portable.safetensors")
