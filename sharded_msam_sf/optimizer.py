@@ -811,9 +811,24 @@ class AdamWMSAMScheduleFree(Optimizer):
             "wrapper) replaced them after the optimizer was built; build the optimizer from the wrapped model's "
             "parameters, or use use_orig_params=True")
 
+    def set_closure_replay(self, replay: Optional[Callable[[], Any]]) -> None:
+        """two_pass ``step(closure)`` with gradient accumulation (Lightning's ``accumulate_grad_batches``):
+        the params already hold the gradients of the step's earlier micro-batches, taken at y, and the
+        closure runs the last one. The next ``step(closure)`` then keeps those gradients (no ``zero_grad()``
+        before the first closure call), so ``move_to_ascent()`` folds g0 = their mean with the last one's
+        into m, and at the ascent point it calls ``replay()`` (the earlier micro-batches' forward and
+        backward again, each loss divided by the number of micro-batches as in the first pass) before the
+        closure. Used by that one step; ``None`` clears it. See :mod:`sharded_msam_sf.accumulation`."""
+        if replay is not None and not callable(replay):
+            raise TypeError(f"set_closure_replay() takes a callable or None, got {type(replay).__name__}")
+        self._closure_replay = replay
+
     def _closure_sam_loop(self, closure: Callable[[], Any]) -> Any:
-        """two_pass ``step(closure)``: the SAM loop of :meth:`step`'s docstring."""
-        self.zero_grad(set_to_none=True)
+        """two_pass ``step(closure)``: the SAM loop of :meth:`step`'s docstring (with the earlier micro-batches
+        of :meth:`set_closure_replay` when one is set)."""
+        replay, self._closure_replay = getattr(self, "_closure_replay", None), None
+        if replay is None:
+            self.zero_grad(set_to_none=True)
         with torch.enable_grad():
             loss = closure()
         if not self._has_grads():
@@ -821,6 +836,8 @@ class AdamWMSAMScheduleFree(Optimizer):
         if any(self._uses_ascent(g) for g in self.param_groups):
             self.move_to_ascent()
             with torch.enable_grad():
+                if replay is not None:
+                    replay()
                 closure()
             self.move_from_ascent()
         self._step_two_pass()

@@ -20,8 +20,11 @@ Schedule-Free keeps two points: training computes at y (one_pass: at the ascent 
 ``training_step`` takes the first backward pass, ``move_to_ascent()``, the second backward pass at
 the ascent point, then ``move_from_ascent()`` (the Trainer then clips and steps). Under DeepSpeed,
 Accelerate's backward also runs ``engine.step()``: the first pass runs ``engine.backward`` only,
-and the engine's step after the second pass removes the ascent itself. two_pass needs
-``gradient_accumulation_steps=1``. one_pass is the plain ``Trainer`` loop.
+and the engine's step after the second pass removes the ascent itself. With
+``gradient_accumulation_steps > 1`` (not under DeepSpeed) the first pass runs over all the step's
+micro-batches, then the second over the same micro-batches at the ascent point (g0 and g are each the
+mean over them). Clipping (``max_grad_norm``) applies to g, the gradient the update uses; g0 is folded
+into m unclipped. one_pass is the plain ``Trainer`` loop.
 
 Routes (see docs/integrations.md): ``optimizer_cls_and_kwargs=(AdamWMSAMScheduleFree, kwargs)``
 (one process, DDP, DeepSpeed), or under DeepSpeed the JSON optimizer section
@@ -29,6 +32,7 @@ Routes (see docs/integrations.md): ``optimizer_cls_and_kwargs=(AdamWMSAMSchedule
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Optional
 
@@ -121,11 +125,13 @@ class MSAMTrainer(Trainer):
         ours = find_optimizer(self.optimizer)
         if ours is None or ours.sam_mode != "two_pass":
             return super().training_step(model, inputs, num_items_in_batch)
-        if self.args.gradient_accumulation_steps != 1:
-            raise ValueError(f"MSAMTrainer: two_pass needs gradient_accumulation_steps=1 (got "
-                             f"{self.args.gradient_accumulation_steps}): each backward pass is a whole step's "
-                             f"gradient; use sam_mode=\"one_pass\" with gradient accumulation")
         wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        if getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps) > 1:
+            if wrapped is not None:
+                raise ValueError(f"MSAMTrainer: two_pass under DeepSpeed needs gradient_accumulation_steps=1 (got "
+                                 f"{self.args.gradient_accumulation_steps}); use sam_mode=\"one_pass\" with "
+                                 "gradient accumulation")
+            return self._two_pass_accumulated(model, inputs, num_items_in_batch, ours)
         if wrapped is not None:
             def first_backward(loss, sync_gradients=True, **kw):  # engine.backward without engine.step()
                 wrapped.engine.set_gradient_accumulation_boundary(is_boundary=sync_gradients)
@@ -141,3 +147,34 @@ class MSAMTrainer(Trainer):
         if wrapped is None:
             ours.move_from_ascent()
         return loss
+
+    def _two_pass_accumulated(self, model, inputs, num_items_in_batch, ours):
+        """two_pass over the step's n = ``current_gradient_accumulation_steps`` micro-batches
+        (:mod:`sharded_msam_sf.accumulation`): each call takes its micro-batch's first backward at y (the
+        Trainer holds back the gradient sync of all but the last); the last call then folds g0 (the mean
+        over all n, unclipped) into m by ``move_to_ascent()``, runs the same n micro-batches again at the
+        ascent point (sync held back for all but the last) and ``move_from_ascent()``; the Trainer then
+        clips g and steps. Returns this micro-batch's first-pass loss."""
+        micro = self.__dict__.setdefault("_msam_micro_batches", [])
+        loss = super().training_step(model, inputs, num_items_in_batch)  # first pass, at y
+        micro.append(inputs)
+        if len(micro) < self.current_gradient_accumulation_steps:
+            return loss
+        self._msam_micro_batches = []
+        ours.move_to_ascent()
+        for i, earlier in enumerate(micro):  # second pass, at the ascent point
+            with (self._msam_no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()):
+                super().training_step(model, earlier, num_items_in_batch)
+        ours.move_from_ascent()
+        return loss
+
+    def _msam_no_sync(self, model):
+        """The Trainer's own choice of gradient-sync hold-back for a micro-batch that is not the last."""
+        if getattr(self.accelerator.gradient_state, "plugin_kwargs", {}).get("sync_each_batch", False):
+            return contextlib.nullcontext()
+        defer = getattr(self, "_defer_fsdp_gradient_reduction", None)
+        if defer is not None and getattr(self, "is_distributed_loading_by_transformers", False):
+            from transformers.distributed.fsdp import is_fsdp_managed_module
+            if is_fsdp_managed_module(self.model):
+                return defer()
+        return self.accelerator.no_sync(model=model)
