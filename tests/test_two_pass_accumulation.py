@@ -2,8 +2,13 @@
 the one clipping rule (clip g, the gradient the update uses; g0 folded unclipped): one process, DDP and FSDP2 on
 2 gloo ranks x 2 micro-batches against the single-process loop on the same global batch, with the collectives
 per step (2 gradient reductions — DDP comm-hook calls / FSDP2 reduce-scatters — and 2 stats all-reduces of
-G + 1 float64; DDP with ``model=`` for its agreeing back end: without it DDP's stats are local, 0 all-reduces)."""
+G + 1 float64; DDP with ``model=`` for its agreeing back end: without it DDP's stats are local, 0 all-reduces).
+The main job's two_pass with ``train.grad_accum = 2`` and ``train.grad_clip`` acting, under DDP and FSDP2 (the
+job's own ``run()`` in the same 2 rank processes, one start-up for the file): its exported x against the plain
+single-process loop on the job's global batches."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +21,12 @@ from tests.models import batch, flat, mse, tiny_mlp
 HP = dict(lr=0.02, rho=0.05, warmup_steps=2, sam_mode="two_pass")
 STEPS, N, CLIP = 4, 16, 0.05   # CLIP is below every step's gradient norm here: clipping acts
 TOL = 1e-6
+ROOT = Path(__file__).resolve().parents[1]
+JOB_CONFIG = str(ROOT / "configs/job/ddp-cpu.json")
+JOB_STEPS, JOB_TOL = 3, 1e-5
+JOB = [f"train.max_steps={JOB_STEPS}", "optimizer.params.sam_mode=two_pass", f"train.grad_clip={CLIP}",
+       f"eval.interval={JOB_STEPS}", f"checkpoint.interval={JOB_STEPS}", "log.interval=1", "log.plot=false",
+       "log.tensorboard=false", "log.progress=lines"]
 
 
 def reference(steps=STEPS, clip=CLIP, clip_g0=False, rows=N):
@@ -70,7 +81,7 @@ def test_refuses_one_pass():
         two_pass_step(opt, [None], lambda b: None)
 
 
-def _engines(rank, world_size):
+def _engines(rank, world_size, out_root):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -109,11 +120,33 @@ def _engines(rank, world_size):
         else:
             final = torch.cat([p.full_tensor().detach().reshape(-1) for p in module.parameters()])
         out[engine] = dict(final=final.tolist(), grads=grad_reductions, stats=stats)
+    _jobs(rank, world_size, out_root)
     return out
 
 
-def test_ddp_and_fsdp2_two_ranks_two_micro_batches_equal_the_global_batch():
-    runs = run_ranks(_engines, 2, timeout=240)
+def _jobs(rank, world_size, out_root):
+    from sharded_msam_sf.job.config import load_config
+    from sharded_msam_sf.job.data import load_corpus
+    from sharded_msam_sf.job.engines import build_engine, init_distributed
+    from sharded_msam_sf.job.trainer import run
+    for engine in ("ddp", "fsdp2"):
+        cfg = load_config(JOB_CONFIG, JOB + [f"engine.name={engine}", "train.micro_batch_size=4",
+                                             f"log.out_dir={out_root}/{engine}"], world_size=world_size)
+        assert cfg.grad_accum == 2
+        env = init_distributed(cfg)
+        job = build_engine(cfg, env)
+        run(cfg, env, job, load_corpus(cfg))
+        job.close()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("jobs")
+    return run_ranks(_engines, 2, str(out), timeout=360), out
+
+
+def test_ddp_and_fsdp2_two_ranks_two_micro_batches_equal_the_global_batch(ranks):
+    runs = ranks[0]
     ref = reference()
     for rank, r in runs.items():
         for engine in ("ddp", "fsdp2"):
@@ -124,3 +157,47 @@ def test_ddp_and_fsdp2_two_ranks_two_micro_batches_equal_the_global_batch():
         print(f"MAXDIFF two_pass accum2 clip rank{rank} ddp "
               f"{(torch.tensor(r['ddp']['final']) - ref).abs().max().item():.2e} fsdp2 "
               f"{(torch.tensor(r['fsdp2']['final']) - ref).abs().max().item():.2e}")
+
+
+def job_reference(clip: float, clip_g0: bool = False) -> dict:
+    from sharded_msam_sf import AdamWMSAMScheduleFree
+    from sharded_msam_sf.job.config import load_config
+    from sharded_msam_sf.job.data import Batches, load_corpus
+    from sharded_msam_sf.job.engines import build_model
+    cfg = load_config(JOB_CONFIG, JOB + ["train.micro_batch_size=16"], world_size=1)
+    model = build_model(cfg)
+    opt = AdamWMSAMScheduleFree(model.parameters(), **cfg.optimizer_kwargs)
+    batches = Batches(load_corpus(cfg), cfg, 0, 1)
+    opt.train()
+    for step in range(JOB_STEPS):
+        (x, y), = batches.micro_batches(step, torch.device("cpu"))
+        model(x, y).backward()
+        if clip_g0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.move_to_ascent()
+        model(x, y).backward()
+        opt.move_from_ascent()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    opt.eval()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), (sorted(a)[:5], sorted(b)[:5])
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_job_two_pass_accumulation_clips_g_under_ddp_and_fsdp2(ranks):
+    from sharded_msam_sf.weights_io import load_weights
+    out = ranks[1]
+    ref = job_reference(CLIP)
+    assert _diff(ref, job_reference(0.0)) > 1e-4                 # the clip acts
+    assert _diff(ref, job_reference(CLIP, clip_g0=True)) > 1e-5  # and clipping g0 too is another trajectory
+    for engine in ("ddp", "fsdp2"):
+        sd, _ = load_weights(out / engine / "export")
+        d = _diff(sd, ref)
+        print(f"MAXDIFF job {engine} two_pass accum2 grad_clip={CLIP} {d:.2e}")
+        assert d <= JOB_TOL, (engine, d)
