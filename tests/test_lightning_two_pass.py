@@ -1,7 +1,8 @@
 """Lightning two_pass with ``gradient_clip_val`` and ``accumulate_grad_batches`` (automatic optimization through
 ``step(closure)``; manual optimization with :func:`sharded_msam_sf.accumulation.two_pass_step`; DDP on 2 gloo
 ranks with the gradient all-reduces counted): the final weights equal the single-process loop on the global
-batches that clips g (the gradient the update uses) and folds g0 unclipped."""
+batches that clips g (the gradient the update uses) and folds g0 unclipped. Lightning Fabric with DDP on the same
+2 rank processes (two_pass, ``fabric.save`` after ``eval()``): the saved weights are x of the reference."""
 from __future__ import annotations
 
 import warnings
@@ -104,7 +105,7 @@ def test_manual_two_pass_step_over_chunks():
     assert (final - reference(B)).abs().max().item() <= TOL
 
 
-def _ddp(rank, world_size):
+def _ddp(rank, world_size, out):
     counts = []
 
     class CountGradAllReduces(pl.Callback):
@@ -130,11 +131,54 @@ def _ddp(rank, world_size):
                        callbacks=[ScheduleFreeCallback(), CountGradAllReduces()], limit_val_batches=0,
                        use_distributed_sampler=False, gradient_clip_val=CLIP, accumulate_grad_batches=2)
         t.fit(m, loader(world_size))
-    return dict(final=flat(m.net).tolist(), counts=counts)
+    return dict(final=flat(m.net).tolist(), counts=counts, fabric=_fabric(rank, world_size, out),
+                fabric_ckpt=f"{out}/fabric.ckpt")
 
 
-def test_ddp_two_ranks_accumulation_and_clip():
-    runs = run_ranks(_ddp, 2, timeout=240)
+def _fabric(rank, world_size, out):
+    """Lightning Fabric, DDP: the seed's two_pass loop with fabric.backward; eval(), then fabric.save."""
+    from lightning.fabric import Fabric
+    fabric = Fabric(accelerator="cpu", devices=world_size, strategy="ddp")
+    fabric.launch()
+    net = tiny_mlp()
+    model, opt = fabric.setup(net, AdamWMSAMScheduleFree(net.parameters(), **HP))
+    x, y = data(world_size)
+    mine_x, mine_y = x[rank::world_size], y[rank::world_size]  # rank r: rows r, r + 2, ... as the sampler above
+    opt.train()
+    for _ in range(EPOCHS):
+        for i in range(PER_EPOCH):
+            xb, yb = mine_x[i * B:(i + 1) * B], mine_y[i * B:(i + 1) * B]
+            fabric.backward(mse(model, xb, yb))
+            opt.move_to_ascent()
+            fabric.backward(mse(model, xb, yb))
+            opt.move_from_ascent()
+            opt.step()
+            opt.zero_grad()
+    opt.eval()
+    fabric.save(f"{out}/fabric.ckpt", {"model": model, "optimizer": opt})
+    fabric.barrier()
+    return dict(final=flat(net).tolist(), type=type(opt).__name__)
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    return run_ranks(_ddp, 2, str(tmp_path_factory.mktemp("fabric")), timeout=300)
+
+
+def test_fabric_ddp_two_ranks_saves_x(ddp_runs, tmp_path_factory):
+    ref = reference(2 * B, clip=0.0, world=2)
+    for rank, r in ddp_runs.items():
+        diff = (torch.tensor(r["fabric"]["final"]) - ref).abs().max().item()
+        assert diff <= TOL, (rank, diff)
+    saved = torch.load(f"{ddp_runs[0]['fabric_ckpt']}", weights_only=True)
+    weights = torch.cat([t.reshape(-1) for t in saved["model"].values()])
+    assert (weights - ref).abs().max().item() <= TOL
+    assert all(not g["train_mode"] for g in saved["optimizer"]["param_groups"])
+    print(f"MAXDIFF fabric-ddp two_pass saved {(weights - ref).abs().max().item():.2e}")
+
+
+def test_ddp_two_ranks_accumulation_and_clip(ddp_runs):
+    runs = ddp_runs
     # each step: 2 micro-batches x 2 ranks x B rows; DistributedSampler(shuffle=False) gives rank r rows r, r+2, ...
     # so a step covers 4B consecutive rows of the data
     ref = reference(4 * B, world=2)
