@@ -86,7 +86,7 @@ def _engines(rank, world_size, out_root):
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from sharded_msam_sf.comm_count import CommCounter
+    from sharded_msam_sf.testing.comm_count import CommCounter
     x, y = batch(n=N)
     micro = _micro(x, y, rank, world_size, 2)
     out = {}
