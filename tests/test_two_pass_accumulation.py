@@ -70,6 +70,7 @@ def test_one_process_four_micro_batches_equal_the_whole_batch():
     assert min(norms) > CLIP  # clipping acted on every step
     ref = reference()
     assert (flat(model) - ref).abs().max().item() <= TOL
+    print(f"MAXDIFF two_pass_step 1 process 4 micro-batches clip {(flat(model) - ref).abs().max().item():.2e}")
     assert (ref - reference(clip=0.0)).abs().max().item() > 1e-4       # clipping changes the trajectory
     assert (ref - reference(clip_g0=True)).abs().max().item() > 1e-4    # and clipping g0 too would be another one
     assert [g["k"] for g in opt.param_groups] == [STEPS]
