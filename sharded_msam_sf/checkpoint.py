@@ -144,7 +144,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     u.add_argument("ckpt")
     u.add_argument("out")
     u.add_argument("--workers", type=int, default=1)
+    from .convert import add_subcommand
+    add_subcommand(sub, to_universal)  # convert: portable checkpoints (sharded_msam_sf.convert)
     args = ap.parse_args(argv)
+    if getattr(args, "run", None) is not None:
+        return args.run(args)
     try:
         out = to_universal(args.ckpt, args.out, args.workers)
     except ExportError as e:

@@ -15,6 +15,12 @@ Schedule-Free keeps two points: training computes at y (one_pass: at the ascent 
   so that every checkpoint's model file holds x; ``on_save``: ``train()`` again.
 - ``on_evaluate``: ``train()`` again (unless a save follows); ``on_train_end``: ``eval()``, so that
   ``trainer.save_model()``/``evaluate()``/``predict()`` after ``train()`` see x.
+- ``recalibrate_bn=N`` (default 0: off): wherever an evaluation or a save follows (``on_step_end`` /
+  ``on_epoch_end`` with ``control.should_evaluate`` or ``should_save``, and ``on_train_end``), the BatchNorm
+  running statistics are re-estimated at x on the first N batches of the Trainer's train dataloader
+  (:func:`sharded_msam_sf.bn.recalibrate`: exact pooled statistics, combined over the data-parallel ranks),
+  so evaluation and every checkpoint's model file see statistics that belong to x. Training then goes
+  on from them (BatchNorm's momentum average at y takes over again).
 
 :class:`MSAMTrainer` is a ``Trainer`` that adds the callback and runs two_pass: its
 ``training_step`` takes the first backward pass, ``move_to_ascent()``, the second backward pass at
@@ -38,6 +44,7 @@ from typing import Any, Optional
 
 from transformers import Trainer, TrainerCallback
 
+from ..bn import recalibrate
 from ..deepspeed import find_optimizer
 
 __all__ = ["ScheduleFreeCallback", "MSAMTrainer", "find_optimizer"]
@@ -55,10 +62,22 @@ def _deepspeed_enabled(args: Any) -> bool:
 
 class ScheduleFreeCallback(TrainerCallback):
     """Keeps the Trainer's model at y for training and at x for evaluation, prediction and every save
-    (see the module docstring). Add it with ``Trainer(..., callbacks=[ScheduleFreeCallback()])``."""
+    (see the module docstring). Add it with ``Trainer(..., callbacks=[ScheduleFreeCallback()])``.
 
-    def __init__(self) -> None:
+    Args:
+        recalibrate_bn: batches per rank for re-estimating BatchNorm statistics at x before every
+            evaluation and save (0: never; see :func:`sharded_msam_sf.bn.recalibrate`).
+        recalibrate_forward: ``forward(model, batch)`` for those passes (default ``model(**batch)``).
+    """
+
+    def __init__(self, recalibrate_bn: int = 0, recalibrate_forward: Any = None) -> None:
+        if isinstance(recalibrate_bn, bool) or not isinstance(recalibrate_bn, int) or recalibrate_bn < 0:
+            raise ValueError(f"ScheduleFreeCallback: recalibrate_bn must be an int >= 0 (batches per rank; 0: off), "
+                             f"got {recalibrate_bn!r}")
         self._opt: Any = None
+        self.recalibrate_bn = recalibrate_bn
+        self.recalibrate_forward = recalibrate_forward
+        self._calibrated_at: Optional[int] = None  # the global step whose x the statistics belong to
 
     # ------------------------------------------------------------------ helpers
     def _ours(self, optimizer: Any, model: Any = None) -> Any:
@@ -71,6 +90,21 @@ class ScheduleFreeCallback(TrainerCallback):
         ours = self._ours(optimizer)
         if ours is not None:
             getattr(ours, mode)()
+
+    def _to_x(self, state: Any, optimizer: Any, model: Any, train_dataloader: Any) -> None:
+        """``eval()``, and with ``recalibrate_bn`` the BatchNorm statistics at this x (once per step)."""
+        self._mode(optimizer, "eval")
+        ours = self._opt
+        if not self.recalibrate_bn or ours is None or model is None or self._calibrated_at == state.global_step:
+            return
+        if train_dataloader is None:
+            raise RuntimeError("ScheduleFreeCallback(recalibrate_bn=...): the Trainer passed no train_dataloader "
+                               "to the callback")
+        # Accelerate's DataLoaderShard registers each iterator with its GradientState (accumulation
+        # boundaries of the training loop's own iterator): iterate the rank's underlying loader instead
+        loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
+        recalibrate(model, loader, self.recalibrate_bn, optimizer=ours, forward=self.recalibrate_forward)
+        self._calibrated_at = state.global_step
 
     # ------------------------------------------------------------------ events
     def on_init_end(self, args, state, control, optimizer=None, **kwargs):
@@ -91,13 +125,13 @@ class ScheduleFreeCallback(TrainerCallback):
                           f"set lr_scheduler_type=\"constant\"", UserWarning, stacklevel=2)
         ours.train()
 
-    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        if control.should_save:
-            self._mode(optimizer, "eval")  # the checkpoint's model file holds x
+    def on_step_end(self, args, state, control, optimizer=None, model=None, train_dataloader=None, **kwargs):
+        if control.should_save or (self.recalibrate_bn and control.should_evaluate):
+            self._to_x(state, optimizer, model, train_dataloader)  # the checkpoint's model file holds x
 
-    def on_epoch_end(self, args, state, control, optimizer=None, **kwargs):
-        if control.should_save:  # save_strategy="epoch"
-            self._mode(optimizer, "eval")
+    def on_epoch_end(self, args, state, control, optimizer=None, model=None, train_dataloader=None, **kwargs):
+        if control.should_save or (self.recalibrate_bn and control.should_evaluate):  # *_strategy="epoch"
+            self._to_x(state, optimizer, model, train_dataloader)
 
     def on_save(self, args, state, control, optimizer=None, **kwargs):
         if state.global_step < state.max_steps:
@@ -107,8 +141,8 @@ class ScheduleFreeCallback(TrainerCallback):
         if not control.should_save and state.global_step < state.max_steps and self._opt is not None:
             self._mode(optimizer, "train")
 
-    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
-        self._mode(optimizer, "eval")  # save_model()/evaluate() after train() see x
+    def on_train_end(self, args, state, control, optimizer=None, model=None, train_dataloader=None, **kwargs):
+        self._to_x(state, optimizer, model, train_dataloader)  # save_model()/evaluate() after train() see x
 
 
 class MSAMTrainer(Trainer):

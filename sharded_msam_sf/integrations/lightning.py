@@ -16,6 +16,12 @@ Lightning hook                                mode
                                               optimizer's eval-mode counters
 ============================================  ===========================================
 
+``ScheduleFreeCallback(recalibrate_bn=N)`` (default 0: off) also re-estimates the BatchNorm running
+statistics at x (:func:`sharded_msam_sf.bn.recalibrate`, combined over the data-parallel ranks) on the
+first N batches of ``trainer.train_dataloader`` at ``on_validation_start`` (not in the sanity check) and
+``on_save_checkpoint``, once per global step, so validation and every checkpoint see statistics that
+belong to x; ``recalibrate_forward(module, batch)`` overrides the default ``module(batch[0])``.
+
 Training is switched back on lazily (the next training batch), not at the end of validation:
 Lightning runs ModelCheckpoint after the other callbacks, so a ``train()`` there would save y.
 Resuming from such a checkpoint loads x and eval mode, and the next training batch's
@@ -35,7 +41,7 @@ optimizer at fit start if :func:`sharded_msam_sf.deepspeed.register` did not). L
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 try:
     from lightning.pytorch import Callback
@@ -43,6 +49,7 @@ except ImportError as e:  # pragma: no cover - the [lightning] extra
     raise ImportError("sharded_msam_sf.integrations.lightning needs Lightning: pip install "
                       "'sharded_msam_sf[lightning]' (lightning>=2.4)") from e
 
+from ..bn import recalibrate
 from ..deepspeed import DeepSpeedMSAMOptimizer, find_optimizer
 
 __all__ = ["ScheduleFreeCallback"]
@@ -69,7 +76,34 @@ def _in_train_mode(opt: Any) -> bool:
 
 
 class ScheduleFreeCallback(Callback):
-    """``train()`` for training, ``eval()`` for validation, test, predict, checkpoints and the end of fit."""
+    """``train()`` for training, ``eval()`` for validation, test, predict, checkpoints and the end of fit.
+
+    Args:
+        recalibrate_bn: batches per rank for re-estimating BatchNorm statistics at x before every
+            validation and checkpoint (0: never).
+        recalibrate_forward: ``forward(module, batch)`` for those passes (default ``module(batch[0])`` for a
+            tuple/list batch, ``module(**batch)`` for a dict, ``module(batch)`` otherwise).
+    """
+
+    def __init__(self, recalibrate_bn: int = 0, recalibrate_forward: Any = None) -> None:
+        super().__init__()
+        if isinstance(recalibrate_bn, bool) or not isinstance(recalibrate_bn, int) or recalibrate_bn < 0:
+            raise ValueError(f"ScheduleFreeCallback: recalibrate_bn must be an int >= 0 (batches per rank; 0: off), "
+                             f"got {recalibrate_bn!r}")
+        self.recalibrate_bn = recalibrate_bn
+        self.recalibrate_forward = recalibrate_forward
+        self._calibrated_at: Optional[int] = None
+
+    def _recalibrate(self, trainer: Any, pl_module: Any) -> bool:
+        """With ``recalibrate_bn``: the statistics at x (every optimizer is in eval mode now), once per step."""
+        if not self.recalibrate_bn or trainer.sanity_checking or self._calibrated_at == trainer.global_step:
+            return False
+        loader = trainer.train_dataloader
+        if loader is None:
+            return False  # no training data loaded (validate()/test() outside fit): nothing to calibrate with
+        recalibrate(pl_module, loader, self.recalibrate_bn, optimizer=None, forward=self.recalibrate_forward)
+        self._calibrated_at = trainer.global_step
+        return True
 
     def __init__(self) -> None:
         super().__init__()
@@ -165,6 +199,8 @@ class ScheduleFreeCallback(Callback):
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         self._eval(trainer)
+        if trainer.training or getattr(trainer.state, "fn", None) == "fit":
+            self._recalibrate(trainer, pl_module)
 
     def on_test_start(self, trainer: Any, pl_module: Any) -> None:
         self._eval(trainer)
@@ -178,9 +214,10 @@ class ScheduleFreeCallback(Callback):
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Dict[str, Any]) -> None:
         """Lightning took the state dicts before this hook: take them again in eval mode (x)."""
         opts = _schedule_free(trainer)
-        if not any(_in_train_mode(o) for o in opts):
-            return
+        moved = any(_in_train_mode(o) for o in opts)
         self._eval(trainer)
+        if not (self._recalibrate(trainer, pl_module) or moved):
+            return
         checkpoint["state_dict"] = trainer.strategy.lightning_module_state_dict()
         if "optimizer_states" in checkpoint:
             checkpoint["optimizer_states"] = [trainer.strategy.optimizer_state(o) for o in trainer.optimizers]

@@ -181,6 +181,10 @@ class EvalConfig(_Section):
     """steps; 0: only at the end"""
     batches: int = Field(8, gt=0)
     """validation micro-batches in total (a fixed set, shared out over the ranks)"""
+    recalibrate_bn: int = Field(0, ge=0)
+    """training micro-batches per rank on which BatchNorm running statistics are re-estimated at x before every
+    evaluation and the export (sharded_msam_sf.bn.recalibrate; the micro-batches of the latest steps); 0: off.
+    Needs a model with BatchNorm (the job's GPT has none) and parallel.tp = parallel.pp = 1"""
 
 
 class CheckpointConfig(_Section):
@@ -304,6 +308,9 @@ class JobConfig(_Section):
             raise ConfigError(f"world size must be >= 1, got {world_size}")
         self._check_parallel(world_size)
         tp, pp = self.parallel.tp, self.parallel.pp
+        if self.eval.recalibrate_bn and (tp > 1 or pp > 1):
+            raise ConfigError(f"config key 'eval.recalibrate_bn' needs parallel.tp = parallel.pp = 1 (got tp {tp}, "
+                              f"pp {pp}): the statistics are combined over all ranks as data-parallel replicas")
         per_step = t.micro_batch_size * (world_size // (tp * pp))  # global = micro * dp * accumulation
         if t.global_batch_size % per_step:
             split = f"parallel.tp {tp}" if tp > 1 else f"parallel.pp {pp}"
