@@ -34,6 +34,7 @@ from typing import List, Optional
 import torch
 
 from .export import ExportError, _ds_files, _natural, load_file, resolve, verify_manifest
+from .output_dir import OutputDirError, check_output, interruptible, write_marker
 from .weights_io import replace_dir
 
 __all__ = ["to_universal", "main"]
@@ -106,11 +107,13 @@ def _fence_deepspeed_zero3_loader(out: Path) -> None:
 
 def to_universal(ckpt: os.PathLike | str, out: os.PathLike | str, workers: int = 1) -> Path:
     """Convert a DeepSpeed ZeRO-1/2/3 checkpoint (any world size) into DeepSpeed's universal format with ``z``
-    (see the module docstring); ``out`` is written under a temporary name and renamed at the end."""
+    (see the module docstring); ``out`` is written under a temporary name and renamed at the end. ``out`` must
+    be a new directory or an earlier output of this tool (:mod:`sharded_msam_sf.output_dir`), and not the
+    checkpoint or around it."""
     path = resolve(Path(ckpt))
+    out = check_output(out, (Path(ckpt), path), "to-universal")
     verify_manifest(path)
     optim, _ = _ds_files(path)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.with_name(f".tmp-{out.name}-{uuid.uuid4().hex[:8]}")
     work.mkdir()
@@ -131,6 +134,7 @@ def to_universal(ckpt: os.PathLike | str, out: os.PathLike | str, workers: int =
         if not moved:
             raise ExportError(f"{path}: DeepSpeed's converter wrote no optimizer state: saved without it?")
         _fence_deepspeed_zero3_loader(main_out)
+        write_marker(main_out, "sharded_msam_sf to-universal")
         replace_dir(main_out, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -146,8 +150,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     u.add_argument("--workers", type=int, default=1)
     args = ap.parse_args(argv)
     try:
-        out = to_universal(args.ckpt, args.out, args.workers)
-    except ExportError as e:
+        with interruptible():  # SIGTERM removes the temporary directories too
+            out = to_universal(args.ckpt, args.out, args.workers)
+    except (ExportError, OutputDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"universal checkpoint: {out}")

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from .backends.zero_universal import deepspeed_safe_globals
 from .kernels import eager
+from .output_dir import OutputDirError, check_output, interruptible
 from .weights_io import HF_CONFIG_FILE, save_weights
 
 __all__ = ["ExportError", "x_from", "read_x", "export", "main"]
@@ -397,8 +398,10 @@ def read_x(ckpt: os.PathLike | str, quiet: bool = True) -> Tuple[Dict[str, Tenso
 
 
 def export(ckpt: os.PathLike | str, out: os.PathLike | str, quiet: bool = True) -> Path:
-    """Write x of ``ckpt`` as an export directory at ``out`` (atomically); return it."""
+    """Write x of ``ckpt`` as an export directory at ``out`` (atomically); return it. ``out`` must be a new
+    directory or an earlier export (:mod:`sharded_msam_sf.output_dir`), and not the checkpoint or around it."""
     path = resolve(Path(ckpt))
+    out = check_output(out, (Path(ckpt), path), "export")
     sd, meta = read_x(path, quiet)
     hf = path / HF_CONFIG_FILE if path.is_dir() and (path / HF_CONFIG_FILE).is_file() else None
     if hf is None and path.is_dir() and (path.parent / HF_CONFIG_FILE).is_file():
@@ -411,12 +414,14 @@ def export(ckpt: os.PathLike | str, out: os.PathLike | str, quiet: bool = True) 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sharded_msam_sf.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("ckpt", help="a checkpoint directory (DeepSpeed, DCP, the main job's) or a state_dict file")
-    ap.add_argument("--out", required=True, help="the export directory to write (replaced whole if it exists)")
+    ap.add_argument("--out", required=True, help="the export directory to write: a new directory, or an earlier "
+                    "export (replaced whole); never the checkpoint, a directory around it, or another directory")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     try:
-        out = export(args.ckpt, args.out, quiet=args.quiet)
-    except ExportError as e:
+        with interruptible():  # SIGTERM removes the temporary directory too
+            out = export(args.ckpt, args.out, quiet=args.quiet)
+    except (ExportError, OutputDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"x weights: {out}")
