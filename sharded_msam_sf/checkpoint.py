@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
+import pickle
 import shutil
 import sys
 import uuid
@@ -34,19 +36,37 @@ from typing import List, Optional
 import torch
 
 from .export import ExportError, _ds_files, _natural, load_file, resolve, verify_manifest
+from .safe_load import UnsafeCheckpoint, weights_only_torch_load
 from .output_dir import OutputDirError, check_output, interruptible, write_marker
 from .weights_io import replace_dir
 
 __all__ = ["to_universal", "main"]
 
 
+def _weights_only_in_worker() -> None:
+    weights_only_torch_load().__enter__()  # the worker process ends with the conversion
+
+
 def _converter(src: Path, out: Path, workers: int) -> None:
+    """DeepSpeed's converter, with every ``torch.load`` it makes (``weights_only=False`` in DeepSpeed) made
+    ``weights_only=True`` (:func:`sharded_msam_sf.safe_load.weights_only_torch_load`), in its worker
+    processes too: a planted pickle fails the conversion instead of running."""
     from deepspeed.checkpoint import ds_to_universal as conv
     args = argparse.Namespace(input_folder=str(src), output_folder=str(out), num_extract_workers=workers,
                               num_merge_workers=workers, keep_temp_folder=False, strict=True,
                               inject_missing_state=True)  # universal_checkpoint_info: Megatron's, absent here
-    with contextlib.redirect_stdout(sys.stderr):
-        conv.main(args)
+    pool = conv.ProcessPoolExecutor
+    conv.ProcessPoolExecutor = functools.partial(pool, initializer=_weights_only_in_worker)
+    try:
+        with contextlib.redirect_stdout(sys.stderr), weights_only_torch_load():
+            conv.main(args)
+    except UnsafeCheckpoint as e:
+        raise ExportError(f"{src}: {e}") from e
+    except pickle.UnpicklingError as e:
+        raise ExportError(f"{src}: a file does not load with torch.load(weights_only=True) ({str(e)[:300]}): it "
+                          "holds code or is corrupt; nothing was run") from e
+    finally:
+        conv.ProcessPoolExecutor = pool
 
 
 def _stage_z(ckpt: Path, optim: List[Path], stage_dir: Path) -> None:
@@ -94,7 +114,7 @@ def _fence_deepspeed_zero3_loader(out: Path) -> None:
         _shape_zero3_files(out, load_file(zero3[0])["param_shapes"])
         os.replace(zero3[0], out / "mp_rank_00_model_states.pt")
     f = out / "zero" / "optimizer_state.pt"
-    sd = torch.load(f, map_location="cpu", weights_only=False)  # written just now by DeepSpeed's converter
+    sd = load_file(f)  # written just now by DeepSpeed's converter
     if isinstance(sd, dict) and ("optimizer_state_dict" in sd or "fp32_flat_groups" in sd):
         sd.pop("optimizer_state_dict", None)
         sd.pop("fp32_flat_groups", None)
@@ -148,7 +168,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     u.add_argument("ckpt")
     u.add_argument("out")
     u.add_argument("--workers", type=int, default=1)
+    from . import checkpoint_seal  # `seal`: checkpoints of earlier releases (its own module)
+    checkpoint_seal.add_parser(sub)
     args = ap.parse_args(argv)
+    if args.command == "seal":
+        return checkpoint_seal.run(args)
     try:
         with interruptible():  # SIGTERM removes the temporary directories too
             out = to_universal(args.ckpt, args.out, args.workers)

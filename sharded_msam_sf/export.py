@@ -21,8 +21,10 @@ Reads, on one CPU process, without a process group and without the model's code:
   DDP ``state.pt``).
 
 Peak memory: one full copy of the weights (the x being built) plus one shard (DeepSpeed: one rank's
-optimizer file, memory-mapped; DCP: one param's y, z, m). Files we unpickle are read with
-``torch.load(weights_only=True)`` (DeepSpeed's few classes allow-listed); a checkpoint of the main job
+optimizer file, memory-mapped; DCP: one param's y, z, m). Nothing in a checkpoint can run code, manifest or
+not (:mod:`sharded_msam_sf.safe_load`): torch files are read with ``torch.load(weights_only=True)`` (DeepSpeed's
+few classes allow-listed), DCP's ``.metadata`` with an unpickler that admits only torch's DCP metadata classes,
+and DCP's non-tensor items with ``weights_only=True``; a checkpoint of the main job
 (``manifest.json``) is verified against its SHA-256 manifest before anything is read. The output is a
 ``sharded_msam_sf.weights_io`` export directory (``model.safetensors``, ``export.json``, and the HF
 ``config.json`` when one was saved with the checkpoint), written atomically.
@@ -256,13 +258,15 @@ def read_deepspeed(ckpt: Path, meta: dict, quiet: bool = False) -> Dict[str, Ten
 def read_dcp(ckpt: Path, meta: dict, quiet: bool = False) -> Dict[str, Tensor]:
     """x from a DCP checkpoint of the main job (flattened optimizer state dict:
     ``optimizer.state.<fqn>.<key>``, ``optimizer.param_groups.<fqn>.<key>``), one param at a time."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-    reader = FileSystemReader(str(ckpt))
+
+    from .safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpoint
+    reader = SafeFileSystemReader(ckpt)  # .metadata: torch's DCP metadata classes only; items: weights_only
     try:
         meta = reader.read_metadata()
+    except UnsafeCheckpoint as e:
+        raise ExportError(str(e)) from e
     except (Exception, CheckpointException) as e:
         raise ExportError(f"cannot read {ckpt / '.metadata'} ({type(e).__name__}: {e}): truncated or corrupt") from e
     keys = set(meta.state_dict_metadata)
@@ -283,8 +287,8 @@ def read_dcp(ckpt: Path, meta: dict, quiet: bool = False) -> Dict[str, Tensor]:
         """{full DCP key: value} of the keys ``wanted``."""
         out: dict = {}
         try:
-            _load_state_dict(out, storage_reader=FileSystemReader(str(ckpt)),
-                             planner=_EmptyStateDictLoadPlanner(keys=wanted), no_dist=True)
+            _load_state_dict(out, storage_reader=SafeFileSystemReader(ckpt),
+                             planner=SafeLoadPlanner(keys=wanted), no_dist=True)
         except (Exception, CheckpointException) as e:  # (CheckpointException is a BaseException)
             raise ExportError(f"cannot read {sorted(wanted)} from {ckpt} ({type(e).__name__}: {str(e)[:300]}): a "
                               "data file is missing, truncated or corrupt") from e

@@ -196,6 +196,10 @@ class CheckpointConfig(_Section):
     """deepspeed: a checkpoint written at another world size or ZeRO stage is converted into DeepSpeed's
     universal format with our state (python -m sharded_msam_sf.checkpoint to-universal) under
     out_dir/universal/ and resumed from there (auto), or refused (never)"""
+    adopt_unsealed: bool = False
+    """checkpoints without manifest.json (written by an earlier release) are refused, naming `python -m
+    sharded_msam_sf.checkpoint seal DIR`; true: the job seals them itself at start (each must load with the
+    safe loaders first) and resumes as usual. They are never overwritten or removed either way"""
 
     @field_validator("resume")
     @classmethod
@@ -224,6 +228,9 @@ class LogConfig(_Section):
     @field_validator("out_dir")
     @classmethod
     def _a_dir(cls, d: str) -> str:
+        if not d.strip():
+            raise ConfigError("config key 'log.out_dir' is empty (it would mean the working directory); give the "
+                              "run directory, e.g. log.out_dir=runs/my_run (log.out_dir=. for the working directory)")
         out = Path(d)
         for p in (out, *out.parents):
             if p.exists() and not p.is_dir():

@@ -89,7 +89,9 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
     tokens_per_step = cfg.train.global_batch_size * cfg.model.block_size
     progress = Progress(rank0, out_dir, cfg.log.progress, step, cfg.train.max_steps, tokens_per_step)
     baseline = state.get("unigram_baseline") or corpus.unigram_baseline()
-    progress.truncate_metrics(step)
+    aside = progress.truncate_metrics(step, fresh=resume_from is None)
+    if aside is not None:
+        notes.append(f"the earlier metrics.jsonl of {out_dir} is kept as {aside.name} (a new run starts its own)")
     for note in notes:
         progress.message(note)
     if resume_from is not None:
