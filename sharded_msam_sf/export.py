@@ -123,19 +123,44 @@ def resolve(ckpt: Path) -> Path:
     return ckpt
 
 
+def found(ckpt: Path) -> str:
+    """What ``ckpt`` is, in words (for errors that say what was found instead of what was wanted)."""
+    if not ckpt.exists():
+        return "nothing: the path does not exist"
+    if ckpt.is_file():
+        return f"a file ({ckpt.stat().st_size} bytes)"
+    if (ckpt / "zero").is_dir() and any((ckpt / "zero").glob("*/fp32.pt")):
+        return ("a DeepSpeed universal checkpoint (written by to-universal or ds_to_universal.py); it is an output "
+                "of the conversion, not an input: use the checkpoint it was converted from")
+    if any(ckpt.glob("*_optim_states.pt")) or any(ckpt.glob("*model_states.pt")):
+        return "a DeepSpeed ZeRO checkpoint"
+    if (ckpt / ".metadata").is_file():
+        return ("a DCP checkpoint (the job's FSDP1/FSDP2 engines); the job resumes it at any world size itself, "
+                "and `python -m sharded_msam_sf.export` reads it")
+    if (ckpt / "state.pt").is_file():
+        return ("a DDP / single-process checkpoint (state.pt); it is not partitioned, so it resumes at any world "
+                "size, and `python -m sharded_msam_sf.export` reads it")
+    if any(ckpt.glob("step_*")) or any(ckpt.glob("global_step*")):
+        return "a directory of checkpoints without a `latest` file: name one of its step directories"
+    names = sorted(p.name for p in ckpt.iterdir())[:6]
+    return f"a directory holding {names or 'nothing'}"
+
+
 def kind_of(ckpt: Path) -> str:
     if ckpt.is_file():
         return "torch"
     if not ckpt.is_dir():
         raise ExportError(f"checkpoint not found: {ckpt}")
+    if (ckpt / "zero").is_dir() and any((ckpt / "zero").glob("*/fp32.pt")):
+        raise ExportError(f"{ckpt} is {found(ckpt)}")
     if any(ckpt.glob("*_optim_states.pt")) or any(ckpt.glob("*model_states.pt")):
         return "deepspeed"
     if (ckpt / ".metadata").is_file():
         return "dcp"
     if (ckpt / "state.pt").is_file():
         return "torch"
-    raise ExportError(f"{ckpt} is not a checkpoint this tool reads: no DeepSpeed '*_optim_states.pt', no DCP "
-                      "'.metadata', no 'state.pt'")
+    raise ExportError(f"{ckpt} is not a checkpoint this tool reads (no DeepSpeed '*_optim_states.pt', no DCP "
+                      f"'.metadata', no 'state.pt'): found {found(ckpt)}")
 
 
 def verify_manifest(ckpt: Path) -> Optional[dict]:
@@ -154,6 +179,9 @@ def verify_manifest(ckpt: Path) -> Optional[dict]:
 def _ds_files(ckpt: Path) -> Tuple[List[Path], List[Path]]:
     optim = sorted(ckpt.glob("*_optim_states.pt"), key=_natural)
     model = sorted(ckpt.glob("*_model_states.pt"), key=_natural)
+    what = found(ckpt)
+    if not optim and not what.startswith("a DeepSpeed ZeRO"):
+        raise ExportError(f"{ckpt} is not a DeepSpeed ZeRO checkpoint (no '*_optim_states.pt'): found {what}")
     if not optim:
         raise ExportError(f"{ckpt} holds no '*_optim_states.pt': a DeepSpeed checkpoint saved without its optimizer "
                           "state has no z, so x cannot be computed")

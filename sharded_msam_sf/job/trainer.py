@@ -117,6 +117,7 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
     window = torch.tensor(state.get("loss_window", [0.0, 0.0]), dtype=torch.float64, device=env.device)
 
     skipped_before, consecutive_skips, healthy = getattr(opt, "skipped_steps", 0), 0, True
+    start_step, skipped_at_start = step, skipped_before
     last_healthy = resume_from
 
     def job_state():
@@ -198,6 +199,12 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
         board.close()
         progress.close()  # the bar; messages below print as lines
 
+    ran, skipped = step - start_step, getattr(opt, "skipped_steps", 0) - skipped_at_start
+    if ran and skipped >= ran:  # shorter than max_skipped_steps, yet nothing was learnt: not a success
+        raise Diverged(
+            f"no step was applied: all {ran} step(s) of this run were skipped because the gradients held NaN/inf "
+            f"(the optimizer's warnings name the likely cause). The checkpoint {out_dir / 'checkpoints'} holds the "
+            "unchanged state. Lower the learning rate / rho, check the data")
     if cfg.checkpoint.export:
         opt.eval()
         export_path = out_dir / "export"  # model.safetensors + export.json; `python -m sharded_msam_sf.export
