@@ -123,3 +123,23 @@ def test_interrupted_tools_remove_their_temporary_directories(tmp_path, monkeypa
     with pytest.raises((SystemExit, KeyboardInterrupt)):
         export_mod.main([str(run / "checkpoints"), "--out", str(tmp_path / "x"), "--quiet"])
     assert not list(tmp_path.rglob(".tmp-*")) and not (tmp_path / "u").exists() and not (tmp_path / "x").exists()
+
+
+def test_errors_say_what_was_found(tmp_path, capsys):
+    import torch.distributed.checkpoint as dcp
+    run = _job_like_run(tmp_path)
+    ddp = run / "checkpoints" / "step_000003"
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save({"model": {"w": torch.ones(2)}}, checkpoint_id=str(tmp_path / "fsdp"))
+    uni = tmp_path / "universal"
+    (uni / "zero" / "w").mkdir(parents=True)
+    torch.save(torch.ones(2), uni / "zero" / "w" / "fp32.pt")
+    torch.save({}, uni / "mp_rank_00_model_states.pt")
+    for src, msg in [(tmp_path / "missing", "found nothing: the path does not exist"),
+                     (ddp, "found a DDP / single-process checkpoint"), (tmp_path / "fsdp", "found a DCP checkpoint"),
+                     (uni, "a DeepSpeed universal checkpoint")]:
+        assert universal_cli.main(["to-universal", str(src), str(tmp_path / "u")]) == 1
+        err = capsys.readouterr().err
+        assert msg in err and "saved without its optimizer state" not in err, err
+    assert main([str(uni), "--out", str(tmp_path / "x")]) == 1
+    assert "a DeepSpeed universal checkpoint" in capsys.readouterr().err
