@@ -179,6 +179,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ExportError, OutputDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (OSError, RuntimeError) as e:
+        from .job.checkpoint import is_full_disk
+        if not is_full_disk(e):
+            raise
+        print(f"error: no space left on device: {Path(args.out).resolve().parent} (writing the universal checkpoint "
+              f"{args.out}; {type(e).__name__}: {str(e)[:200]}); nothing was written there. Free space and run "
+              "it again", file=sys.stderr)
+        return 1
     print(f"universal checkpoint: {out}")
     return 0
 

@@ -4,6 +4,7 @@ unrelated directory, and remove their temporary directories on SIGTERM and SIGIN
 DeepSpeed run: the refusals come before anything is read."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -143,3 +144,48 @@ def test_errors_say_what_was_found(tmp_path, capsys):
         assert msg in err and "saved without its optimizer state" not in err, err
     assert main([str(uni), "--out", str(tmp_path / "x")]) == 1
     assert "a DeepSpeed universal checkpoint" in capsys.readouterr().err
+
+
+_SHORT_WRITE = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"  # torch.save, disk full
+
+
+def test_full_disk_is_named_by_to_universal_and_the_job_save(tmp_path, monkeypatch, capsys):
+    from sharded_msam_sf.job.checkpoint import CheckpointError
+    from tests.test_train_checkpoint import FakeEngine, save_steps
+    ck = _fake_deepspeed_ckpt(tmp_path)
+
+    def full(*args, **kwargs):
+        raise RuntimeError(_SHORT_WRITE)
+    monkeypatch.setattr(universal_cli, "_converter", full)
+    assert universal_cli.main(["to-universal", str(ck), str(tmp_path / "u")]) == 1
+    assert "error: no space left on device: " in capsys.readouterr().err
+    assert not list(tmp_path.glob(".tmp-*"))
+    run = save_steps(tmp_path / "run", [2])  # the DDP engine's torch.save fails so on a full disk
+    state = {"engine": "fsdp2", "world_size": 1, "config": json.loads((tmp_path / "run" / "checkpoints" /
+                                                                      "step_000002" / "job_state.json").read_text())["config"]}
+    with pytest.raises(CheckpointError, match=r"no space left on device while writing .*\.tmp-step_000004"):
+        run.save(FakeEngine(fail=RuntimeError(_SHORT_WRITE)), 4, state)
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_000002"
+
+
+def test_a_real_full_tmpfs(tmp_path):
+    """The same on a 256 KiB tmpfs (needs root to mount it; CI containers run as root)."""
+    import subprocess
+    from sharded_msam_sf.job.checkpoint import CheckpointError, Checkpointer
+    from tests.test_train_checkpoint import cfg_for
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(tiny)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root); test_full_disk_is_named_by_... injects the error")
+    try:
+        class Big:
+            def save(self, path):
+                torch.save({"w": torch.zeros(1 << 18)}, path / "state.pt")  # 1 MiB
+        ck = Checkpointer(tiny, 0, 2, 1, run_id="r")
+        state = {"engine": "ddp", "world_size": 1, "config": cfg_for(tiny, engine="ddp").to_dict()}
+        with pytest.raises(CheckpointError, match=r"no space left on device while writing .*\.tmp-step_000001"):
+            ck.save(Big(), 1, state)
+        assert not list((tiny / "checkpoints").glob(".tmp-*"))
+    finally:  # lazy: the failed torch.save's file is still referenced by the exception's frames
+        subprocess.run(["umount", "-l", str(tiny)], check=True)

@@ -108,6 +108,19 @@ def _agree(fn, what: str):
     return result
 
 
+# what torch.save's zip writer says when a write comes up short (a full disk or quota; errno is lost)
+_SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed writing file", "file write failed")
+
+
+def is_full_disk(e: BaseException) -> bool:
+    """ENOSPC, or torch.save's ``[enforce fail at inline_container.cc:...] . unexpected pos`` (its zip writer
+    reports a write that came up short that way, without the errno)."""
+    text = str(e)
+    return ((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+            or "no space left on device" in text.lower()
+            or (isinstance(e, RuntimeError) and any(m in text for m in _SHORT_WRITE)))
+
+
 def _describe_error(e: BaseException, what: str) -> str:
     """The error text; a full disk says so and names the path."""
     chain, cur = [], e
@@ -115,7 +128,7 @@ def _describe_error(e: BaseException, what: str) -> str:
         chain.append(cur)
         cur = cur.__cause__ or cur.__context__
     for c in chain:
-        if (isinstance(c, OSError) and c.errno == errno.ENOSPC) or "No space left on device" in str(c):
+        if is_full_disk(c):
             where = getattr(c, "filename", None) or what
             return f"no space left on device while writing {where} ({type(c).__name__}: {c})"
     return f"{what}: {type(e).__name__}: {e}"
@@ -165,7 +178,7 @@ def atomic_torch_save(obj, path: Path) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
         tmp.unlink(missing_ok=True)
-        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
+        if is_full_disk(e):
             raise OSError(errno.ENOSPC, f"no space left on device while writing {path}", str(path)) from e
         raise
     _fsync_dir(path.parent)

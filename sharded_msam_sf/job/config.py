@@ -432,11 +432,14 @@ def _set_override(raw: dict, item: str) -> None:
 
 
 def env_world_size() -> int:
-    """The world size the launcher announced (torchrun/deepspeed, MPI, SLURM), before any init."""
-    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(var):
-            return int(os.environ[var])
-    return 1
+    """The world size the launcher announced (torchrun/deepspeed, MPI, srun), before any init: the rule of
+    :func:`sharded_msam_sf.launch_env.discover`, the one the process group is started with (an sbatch script
+    without srun is one process, whatever SLURM_NTASKS says)."""
+    from sharded_msam_sf.launch_env import discover
+    try:
+        return discover().world_size
+    except ValueError as e:
+        raise ConfigError(f"the launcher's environment: {e}") from None
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), world_size: int | None = None,
