@@ -38,6 +38,7 @@ gradient evaluation — the groups' sums of squares of ``m`` and a non-finite fl
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -282,6 +283,14 @@ class AdamWMSAMScheduleFree(Optimizer):
         """Bind ``backend`` for good, as ``backend=`` at construction does (no re-resolution when the
         params change later): the hook for engines that bind the optimizer after building it."""
         self._binding.pin(resolve_backend((), backend=backend, pipeline_group=self._binding.pipeline_group))
+
+    def state_dict(self) -> Dict[str, Any]:
+        """torch's ``state_dict``; a transformers Trainer that saves it in train mode without
+        ScheduleFreeCallback gets a warning (its model file holds y: see integrations/hf_guard.py)."""
+        if "transformers.trainer" in sys.modules and self.param_groups and self.param_groups[0].get("train_mode"):
+            from .integrations.hf_guard import warn_if_trainer_without_callback
+            warn_if_trainer_without_callback(self)
+        return super().state_dict()
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
