@@ -189,3 +189,14 @@ def test_a_real_full_tmpfs(tmp_path):
         assert not list((tiny / "checkpoints").glob(".tmp-*"))
     finally:  # lazy: the failed torch.save's file is still referenced by the exception's frames
         subprocess.run(["umount", "-l", str(tiny)], check=True)
+
+
+def test_the_jobs_conversion_and_save_name_a_full_disk():
+    from sharded_msam_sf.job.checkpoint import CheckpointError, _describe_error
+    assert _describe_error(RuntimeError(_SHORT_WRITE), "checkpoint /r/.tmp-step_000004").startswith(
+        "no space left on device while writing checkpoint /r/.tmp-step_000004")
+    # the job's automatic conversion: the to-universal subprocess's message comes back in the error
+    failed = CheckpointError("converting /r/checkpoints/step_000002 into a universal checkpoint failed (exit 1):\n"
+                             "error: no space left on device: /r/universal (writing ...)")
+    assert _describe_error(failed, "universal checkpoint /r/universal/.tmp-step_000002").startswith(
+        "no space left on device while writing universal checkpoint /r/universal/.tmp-step_000002")
