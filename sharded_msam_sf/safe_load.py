@@ -2,7 +2,7 @@
 
 - torch files (``*.pt``, DeepSpeed's ``*_model_states.pt`` / ``*_optim_states.pt``, the job's
   ``state.pt``): ``torch.load(weights_only=True)``, with the few DeepSpeed classes these files pickle
-  allow-listed (:func:`sharded_msam_sf.backends.zero_universal.deepspeed_safe_globals`);
+  allow-listed (:func:`sharded_msam_sf.deepspeed.universal.deepspeed_safe_globals`);
 - DCP's ``.metadata`` (a plain pickle, which ``FileSystemReader.read_metadata`` unpickles with
   ``pickle.load``): :class:`DcpMetadataUnpickler`, which admits only torch's DCP metadata classes
   (``torch.distributed.checkpoint.metadata``, ``filesystem._StorageInfo``), ``torch.Size``, torch dtypes /
@@ -38,7 +38,7 @@ class UnsafeCheckpoint(RuntimeError):
 
 
 def _safe_globals() -> list:
-    from .backends.zero_universal import deepspeed_safe_globals
+    from .deepspeed.universal import deepspeed_safe_globals
     return deepspeed_safe_globals()
 
 
