@@ -38,6 +38,7 @@ gradient evaluation — the groups' sums of squares of ``m`` and a non-finite fl
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -199,6 +200,14 @@ class AdamWMSAMScheduleFree(Optimizer):
         params change later): the hook for engines that bind the optimizer after building it."""
         self._binding.pin(resolve_backend((), backend=backend, pipeline_group=self._binding.pipeline_group))
 
+    def state_dict(self) -> Dict[str, Any]:
+        """torch's ``state_dict``; a transformers Trainer that saves it in train mode without
+        ScheduleFreeCallback gets a warning (its model file holds y: see integrations/hf_guard.py)."""
+        if "transformers.trainer" in sys.modules and self.param_groups and self.param_groups[0].get("train_mode"):
+            from .integrations.hf_guard import warn_if_trainer_without_callback
+            warn_if_trainer_without_callback(self)
+        return super().state_dict()
+
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """torch's ``add_param_group``, plus: floating point params only, each once; the
@@ -206,6 +215,7 @@ class AdamWMSAMScheduleFree(Optimizer):
         ``train()`` joins in train mode (its params have no state yet, so they hold y)."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        H.check_group_keys(param_group)
         ps = param_group.get("params")
         if ps is not None and not isinstance(ps, set):
             ps = param_group["params"] = [ps] if isinstance(ps, Tensor) else list(ps)
@@ -232,6 +242,12 @@ class AdamWMSAMScheduleFree(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        bad = H.extreme(group)
+        if bad:
+            warnings.warn(f"AdamWMSAMScheduleFree: param group {len(self.param_groups) - 1} has {', '.join(bad)}: "
+                          "valid, but far outside what trains; expect the params to overflow and the steps to be "
+                          "skipped (weight_decay: y is multiplied by 1 - lr*weight_decay every step)",
+                          RuntimeWarning, stacklevel=3)
         if len(self.param_groups) > 1:
             group["train_mode"] = self.param_groups[0]["train_mode"]
 
@@ -609,7 +625,7 @@ class AdamWMSAMScheduleFree(Optimizer):
     def _warn_skip(self, where: str) -> None:
         warnings.warn(f"AdamWMSAMScheduleFree: non-finite gradient (NaN/inf) on some rank in {where}; "
                       f"the step is skipped on every rank and the optimizer state is unchanged "
-                      f"(skipped so far: {self.skipped_steps})", RuntimeWarning, stacklevel=3)
+                      f"(skipped so far: {self.skipped_steps}){self._skip_cause()}", RuntimeWarning, stacklevel=3)
 
     def _note_v_overflow(self) -> None:
         for group in self.param_groups:
@@ -650,7 +666,12 @@ class AdamWMSAMScheduleFree(Optimizer):
             self._backend.params_changed()
         what = "no ascent, the coming step() is skipped" if ascent else "step skipped"
         warnings.warn(f"AdamWMSAMScheduleFree: {what} ({reason}); the optimizer state is unchanged "
-                      f"(skipped so far: {self.skipped_steps})", RuntimeWarning, stacklevel=2)
+                      f"(skipped so far: {self.skipped_steps}){self._skip_cause()}", RuntimeWarning, stacklevel=2)
+
+    def _skip_cause(self) -> str:
+        """'; likely cause: ...' naming extreme hyperparameters (hyperparams.extreme), or ''."""
+        causes = [f"group {i}: {', '.join(b)}" for i, g in enumerate(self.param_groups) if (b := H.extreme(g))]
+        return f"; likely cause: {'; '.join(causes)}, which overflows the params (lower it)" if causes else ""
 
     @staticmethod
     def _schedule(group: Dict[str, Any]) -> Tuple[float, float, float]:

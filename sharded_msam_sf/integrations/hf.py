@@ -5,7 +5,9 @@ Schedule-Free keeps two points: training computes at y (one_pass: at the ascent 
 ``optimizer.train()`` in every ``training_step`` and ``optimizer.eval()`` in its evaluation loop;
 :class:`ScheduleFreeCallback` adds what it misses:
 
-- ``on_train_begin``: binds our optimizer inside a DeepSpeed engine (:func:`sharded_msam_sf.deepspeed.attach`
+- ``on_train_begin``: hooks ``model.state_dict()`` so that a save while the optimizer is in train mode
+  (``trainer.save_model()`` from a callback, mid-training) holds x too (eval() around it);
+  binds our optimizer inside a DeepSpeed engine (:func:`sharded_msam_sf.deepspeed.attach`
   of the ZeRO wrapper, if ``register()``/``attach()`` did not already) and calls ``train()``;
   refuses a Trainer whose optimizer is not ours (``Trainer(optimizers=(opt, None))`` with
   DeepSpeed: transformers drops ``opt`` and builds torch AdamW); warns when the lr scheduler is not
@@ -124,6 +126,31 @@ class ScheduleFreeCallback(TrainerCallback):
                           f"Schedule-Free needs no schedule (its warm-up is the optimizer's warmup_steps): "
                           f"set lr_scheduler_type=\"constant\"", UserWarning, stacklevel=2)
         ours.train()
+        self._hook_model_saves(model)
+
+    def _hook_model_saves(self, model: Any) -> None:
+        """``model.state_dict()`` while the optimizer is in train mode (``trainer.save_model()`` from a
+        callback, mid-training) returns x: eval() before, a copy of the values, train() after (the
+        values of a state dict share the params' storage, which train() changes back)."""
+        if model is None or getattr(self, "_hooked", None) is model:
+            return
+        self._hooked = model
+
+        def pre(module, prefix, keep_vars):
+            opt = self._opt
+            if opt is not None and opt.param_groups[0].get("train_mode"):
+                opt.eval()
+                self._restore = True
+
+        def post(module, state_dict, prefix, local_metadata):
+            if getattr(self, "_restore", False):
+                self._restore = False
+                for k, v in state_dict.items():
+                    if hasattr(v, "clone"):
+                        state_dict[k] = v.clone()
+                self._opt.train()
+        model.register_state_dict_pre_hook(pre)
+        model.register_state_dict_post_hook(post)
 
     def on_step_end(self, args, state, control, optimizer=None, model=None, train_dataloader=None, **kwargs):
         if control.should_save or (self.recalibrate_bn and control.should_evaluate):

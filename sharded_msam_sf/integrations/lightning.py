@@ -135,12 +135,14 @@ class ScheduleFreeCallback(Callback):
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._train(trainer)
+        self._in_batch = True
         self._ks = self._counters(self._two_pass_automatic(trainer, pl_module))
         if self._micro:  # two_pass, accumulate_grad_batches > 1: this step's earlier micro-batches
             for opt in self._two_pass_automatic(trainer, pl_module):
                 opt.set_closure_replay(lambda t=trainer, m=pl_module, o=opt: self._replay(t, m, o))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._in_batch = False  # ModelCheckpoint (run after this callback) saves from here on
         self._restore_clipping(trainer)
         opts = self._two_pass_automatic(trainer, pl_module)
         if not opts or trainer.accumulate_grad_batches <= 1:
@@ -213,6 +215,12 @@ class ScheduleFreeCallback(Callback):
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Dict[str, Any]) -> None:
         """Lightning took the state dicts before this hook: take them again in eval mode (x)."""
+        if getattr(self, "_in_batch", False):
+            raise RuntimeError(
+                "ScheduleFreeCallback: trainer.save_checkpoint() inside training_step (or another hook of the "
+                "training batch) is refused: the checkpoint must hold x, and moving the params to x there "
+                "modifies tensors that autograd still needs (the backward pass would fail, or the step would "
+                "start from x). Save from on_train_batch_end, or let ModelCheckpoint(every_n_train_steps=...) do it")
         opts = _schedule_free(trainer)
         moved = any(_in_train_mode(o) for o in opts)
         self._eval(trainer)
