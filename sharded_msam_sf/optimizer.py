@@ -38,6 +38,7 @@ gradient evaluation — the groups' sums of squares of ``m`` and a non-finite fl
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -199,6 +200,14 @@ class AdamWMSAMScheduleFree(Optimizer):
         params change later): the hook for engines that bind the optimizer after building it."""
         self._binding.pin(resolve_backend((), backend=backend, pipeline_group=self._binding.pipeline_group))
 
+    def state_dict(self) -> Dict[str, Any]:
+        """torch's ``state_dict``; a transformers Trainer that saves it in train mode without
+        ScheduleFreeCallback gets a warning (its model file holds y: see integrations/hf_guard.py)."""
+        if "transformers.trainer" in sys.modules and self.param_groups and self.param_groups[0].get("train_mode"):
+            from .integrations.hf_guard import warn_if_trainer_without_callback
+            warn_if_trainer_without_callback(self)
+        return super().state_dict()
+
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """torch's ``add_param_group``, plus: floating point params only, each once; the
@@ -206,6 +215,7 @@ class AdamWMSAMScheduleFree(Optimizer):
         ``train()`` joins in train mode (its params have no state yet, so they hold y)."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        H.check_group_keys(param_group)
         ps = param_group.get("params")
         if ps is not None and not isinstance(ps, set):
             ps = param_group["params"] = [ps] if isinstance(ps, Tensor) else list(ps)
@@ -232,6 +242,12 @@ class AdamWMSAMScheduleFree(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        bad = H.extreme(group)
+        if bad:
+            warnings.warn(f"AdamWMSAMScheduleFree: param group {len(self.param_groups) - 1} has {', '.join(bad)}: "
+                          "valid, but far outside what trains; expect the params to overflow and the steps to be "
+                          "skipped (weight_decay: y is multiplied by 1 - lr*weight_decay every step)",
+                          RuntimeWarning, stacklevel=3)
         if len(self.param_groups) > 1:
             group["train_mode"] = self.param_groups[0]["train_mode"]
 
@@ -609,7 +625,7 @@ class AdamWMSAMScheduleFree(Optimizer):
     def _warn_skip(self, where: str) -> None:
         warnings.warn(f"AdamWMSAMScheduleFree: non-finite gradient (NaN/inf) on some rank in {where}; "
                       f"the step is skipped on every rank and the optimizer state is unchanged "
-                      f"(skipped so far: {self.skipped_steps})", RuntimeWarning, stacklevel=3)
+                      f"(skipped so far: {self.skipped_steps}){self._skip_cause()}", RuntimeWarning, stacklevel=3)
 
     def _note_v_overflow(self) -> None:
         for group in self.param_groups:
@@ -650,7 +666,12 @@ class AdamWMSAMScheduleFree(Optimizer):
             self._backend.params_changed()
         what = "no ascent, the coming step() is skipped" if ascent else "step skipped"
         warnings.warn(f"AdamWMSAMScheduleFree: {what} ({reason}); the optimizer state is unchanged "
-                      f"(skipped so far: {self.skipped_steps})", RuntimeWarning, stacklevel=2)
+                      f"(skipped so far: {self.skipped_steps}){self._skip_cause()}", RuntimeWarning, stacklevel=2)
+
+    def _skip_cause(self) -> str:
+        """'; likely cause: ...' naming extreme hyperparameters (hyperparams.extreme), or ''."""
+        causes = [f"group {i}: {', '.join(b)}" for i, g in enumerate(self.param_groups) if (b := H.extreme(g))]
+        return f"; likely cause: {'; '.join(causes)}, which overflows the params (lower it)" if causes else ""
 
     @staticmethod
     def _schedule(group: Dict[str, Any]) -> Tuple[float, float, float]:
@@ -727,9 +748,24 @@ class AdamWMSAMScheduleFree(Optimizer):
             "wrapper) replaced them after the optimizer was built; build the optimizer from the wrapped model's "
             "parameters, or use use_orig_params=True")
 
+    def set_closure_replay(self, replay: Optional[Callable[[], Any]]) -> None:
+        """two_pass ``step(closure)`` with gradient accumulation (Lightning's ``accumulate_grad_batches``):
+        the params already hold the gradients of the step's earlier micro-batches, taken at y, and the
+        closure runs the last one. The next ``step(closure)`` then keeps those gradients (no ``zero_grad()``
+        before the first closure call), so ``move_to_ascent()`` folds g0 = their mean with the last one's
+        into m, and at the ascent point it calls ``replay()`` (the earlier micro-batches' forward and
+        backward again, each loss divided by the number of micro-batches as in the first pass) before the
+        closure. Used by that one step; ``None`` clears it. See :mod:`sharded_msam_sf.accumulation`."""
+        if replay is not None and not callable(replay):
+            raise TypeError(f"set_closure_replay() takes a callable or None, got {type(replay).__name__}")
+        self._closure_replay = replay
+
     def _closure_sam_loop(self, closure: Callable[[], Any]) -> Any:
-        """two_pass ``step(closure)``: the SAM loop of :meth:`step`'s docstring."""
-        self.zero_grad(set_to_none=True)
+        """two_pass ``step(closure)``: the SAM loop of :meth:`step`'s docstring (with the earlier micro-batches
+        of :meth:`set_closure_replay` when one is set)."""
+        replay, self._closure_replay = getattr(self, "_closure_replay", None), None
+        if replay is None:
+            self.zero_grad(set_to_none=True)
         with torch.enable_grad():
             loss = closure()
         if not self._has_grads():
@@ -737,6 +773,8 @@ class AdamWMSAMScheduleFree(Optimizer):
         if any(self._uses_ascent(g) for g in self.param_groups):
             self.move_to_ascent()
             with torch.enable_grad():
+                if replay is not None:
+                    replay()
                 closure()
             self.move_from_ascent()
         self._step_two_pass()

@@ -20,9 +20,9 @@ LAYERS = [
     (0, ("kernels", "hyperparams", "teardown", "launch_env")),                          # the math, the rules, the process
     (1, ("reference", "backends", "config", "jsonfile", "weights_io", "testing")),    # oracle, engines' views, schemas
     (2, ("optimizer",)),                                                                # the optimizer
-    (3, ("deepspeed", "deepspeed_config", "analysis", "bn", "portable")),  # the DeepSpeed wing, analysis, BN, portable
+    (3, ("deepspeed", "deepspeed_config", "analysis", "accumulation", "bn", "portable")),  # DeepSpeed wing, analysis, loops, BN, portable state
     (4, ("integrations",)),                                                             # HF, Lightning
-    (5, ("job", "train", "export", "checkpoint", "convert")),    # the main job and the offline tools that read its checkpoints
+    (5, ("job", "train", "export", "checkpoint", "convert", "checkpoint_seal", "safe_load")),    # the main job and the offline tools that read its checkpoints
     (6, ("",)),                                                                         # the package root
 ]
 

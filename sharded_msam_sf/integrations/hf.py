@@ -5,7 +5,9 @@ Schedule-Free keeps two points: training computes at y (one_pass: at the ascent 
 ``optimizer.train()`` in every ``training_step`` and ``optimizer.eval()`` in its evaluation loop;
 :class:`ScheduleFreeCallback` adds what it misses:
 
-- ``on_train_begin``: binds our optimizer inside a DeepSpeed engine (:func:`sharded_msam_sf.deepspeed.attach`
+- ``on_train_begin``: hooks ``model.state_dict()`` so that a save while the optimizer is in train mode
+  (``trainer.save_model()`` from a callback, mid-training) holds x too (eval() around it);
+  binds our optimizer inside a DeepSpeed engine (:func:`sharded_msam_sf.deepspeed.attach`
   of the ZeRO wrapper, if ``register()``/``attach()`` did not already) and calls ``train()``;
   refuses a Trainer whose optimizer is not ours (``Trainer(optimizers=(opt, None))`` with
   DeepSpeed: transformers drops ``opt`` and builds torch AdamW); warns when the lr scheduler is not
@@ -26,8 +28,11 @@ Schedule-Free keeps two points: training computes at y (one_pass: at the ascent 
 ``training_step`` takes the first backward pass, ``move_to_ascent()``, the second backward pass at
 the ascent point, then ``move_from_ascent()`` (the Trainer then clips and steps). Under DeepSpeed,
 Accelerate's backward also runs ``engine.step()``: the first pass runs ``engine.backward`` only,
-and the engine's step after the second pass removes the ascent itself. two_pass needs
-``gradient_accumulation_steps=1``. one_pass is the plain ``Trainer`` loop.
+and the engine's step after the second pass removes the ascent itself. With
+``gradient_accumulation_steps > 1`` (not under DeepSpeed) the first pass runs over all the step's
+micro-batches, then the second over the same micro-batches at the ascent point (g0 and g are each the
+mean over them). Clipping (``max_grad_norm``) applies to g, the gradient the update uses; g0 is folded
+into m unclipped. one_pass is the plain ``Trainer`` loop.
 
 Routes (see docs/integrations.md): ``optimizer_cls_and_kwargs=(AdamWMSAMScheduleFree, kwargs)``
 (one process, DDP, DeepSpeed), or under DeepSpeed the JSON optimizer section
@@ -35,6 +40,7 @@ Routes (see docs/integrations.md): ``optimizer_cls_and_kwargs=(AdamWMSAMSchedule
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Optional
 
@@ -120,6 +126,31 @@ class ScheduleFreeCallback(TrainerCallback):
                           f"Schedule-Free needs no schedule (its warm-up is the optimizer's warmup_steps): "
                           f"set lr_scheduler_type=\"constant\"", UserWarning, stacklevel=2)
         ours.train()
+        self._hook_model_saves(model)
+
+    def _hook_model_saves(self, model: Any) -> None:
+        """``model.state_dict()`` while the optimizer is in train mode (``trainer.save_model()`` from a
+        callback, mid-training) returns x: eval() before, a copy of the values, train() after (the
+        values of a state dict share the params' storage, which train() changes back)."""
+        if model is None or getattr(self, "_hooked", None) is model:
+            return
+        self._hooked = model
+
+        def pre(module, prefix, keep_vars):
+            opt = self._opt
+            if opt is not None and opt.param_groups[0].get("train_mode"):
+                opt.eval()
+                self._restore = True
+
+        def post(module, state_dict, prefix, local_metadata):
+            if getattr(self, "_restore", False):
+                self._restore = False
+                for k, v in state_dict.items():
+                    if hasattr(v, "clone"):
+                        state_dict[k] = v.clone()
+                self._opt.train()
+        model.register_state_dict_pre_hook(pre)
+        model.register_state_dict_post_hook(post)
 
     def on_step_end(self, args, state, control, optimizer=None, model=None, train_dataloader=None, **kwargs):
         if control.should_save or (self.recalibrate_bn and control.should_evaluate):
@@ -155,11 +186,13 @@ class MSAMTrainer(Trainer):
         ours = find_optimizer(self.optimizer)
         if ours is None or ours.sam_mode != "two_pass":
             return super().training_step(model, inputs, num_items_in_batch)
-        if self.args.gradient_accumulation_steps != 1:
-            raise ValueError(f"MSAMTrainer: two_pass needs gradient_accumulation_steps=1 (got "
-                             f"{self.args.gradient_accumulation_steps}): each backward pass is a whole step's "
-                             f"gradient; use sam_mode=\"one_pass\" with gradient accumulation")
         wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        if getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps) > 1:
+            if wrapped is not None:
+                raise ValueError(f"MSAMTrainer: two_pass under DeepSpeed needs gradient_accumulation_steps=1 (got "
+                                 f"{self.args.gradient_accumulation_steps}); use sam_mode=\"one_pass\" with "
+                                 "gradient accumulation")
+            return self._two_pass_accumulated(model, inputs, num_items_in_batch, ours)
         if wrapped is not None:
             def first_backward(loss, sync_gradients=True, **kw):  # engine.backward without engine.step()
                 wrapped.engine.set_gradient_accumulation_boundary(is_boundary=sync_gradients)
@@ -175,3 +208,34 @@ class MSAMTrainer(Trainer):
         if wrapped is None:
             ours.move_from_ascent()
         return loss
+
+    def _two_pass_accumulated(self, model, inputs, num_items_in_batch, ours):
+        """two_pass over the step's n = ``current_gradient_accumulation_steps`` micro-batches
+        (:mod:`sharded_msam_sf.accumulation`): each call takes its micro-batch's first backward at y (the
+        Trainer holds back the gradient sync of all but the last); the last call then folds g0 (the mean
+        over all n, unclipped) into m by ``move_to_ascent()``, runs the same n micro-batches again at the
+        ascent point (sync held back for all but the last) and ``move_from_ascent()``; the Trainer then
+        clips g and steps. Returns this micro-batch's first-pass loss."""
+        micro = self.__dict__.setdefault("_msam_micro_batches", [])
+        loss = super().training_step(model, inputs, num_items_in_batch)  # first pass, at y
+        micro.append(inputs)
+        if len(micro) < self.current_gradient_accumulation_steps:
+            return loss
+        self._msam_micro_batches = []
+        ours.move_to_ascent()
+        for i, earlier in enumerate(micro):  # second pass, at the ascent point
+            with (self._msam_no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()):
+                super().training_step(model, earlier, num_items_in_batch)
+        ours.move_from_ascent()
+        return loss
+
+    def _msam_no_sync(self, model):
+        """The Trainer's own choice of gradient-sync hold-back for a micro-batch that is not the last."""
+        if getattr(self.accelerator.gradient_state, "plugin_kwargs", {}).get("sync_each_batch", False):
+            return contextlib.nullcontext()
+        defer = getattr(self, "_defer_fsdp_gradient_reduction", None)
+        if defer is not None and getattr(self, "is_distributed_loading_by_transformers", False):
+            from transformers.distributed.fsdp import is_fsdp_managed_module
+            if is_fsdp_managed_module(self.model):
+                return defer()
+        return self.accelerator.no_sync(model=model)

@@ -124,7 +124,9 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
     tokens_per_step = cfg.train.global_batch_size * cfg.model.block_size
     progress = Progress(rank0, out_dir, cfg.log.progress, step, cfg.train.max_steps, tokens_per_step)
     baseline = state.get("unigram_baseline") or corpus.unigram_baseline()
-    progress.truncate_metrics(step)
+    aside = progress.truncate_metrics(step, fresh=resume_from is None)
+    if aside is not None:
+        notes.append(f"the earlier metrics.jsonl of {out_dir} is kept as {aside.name} (a new run starts its own)")
     for note in notes:
         progress.message(note)
     if resume_from is not None:
@@ -150,6 +152,7 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
     window = torch.tensor(state.get("loss_window", [0.0, 0.0]), dtype=torch.float64, device=env.device)
 
     skipped_before, consecutive_skips, healthy = getattr(opt, "skipped_steps", 0), 0, True
+    start_step, skipped_at_start = step, skipped_before
     last_healthy = resume_from
 
     def job_state():
@@ -231,6 +234,12 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
         board.close()
         progress.close()  # the bar; messages below print as lines
 
+    ran, skipped = step - start_step, getattr(opt, "skipped_steps", 0) - skipped_at_start
+    if ran and skipped >= ran:  # shorter than max_skipped_steps, yet nothing was learnt: not a success
+        raise Diverged(
+            f"no step was applied: all {ran} step(s) of this run were skipped because the gradients held NaN/inf "
+            f"(the optimizer's warnings name the likely cause). The checkpoint {out_dir / 'checkpoints'} holds the "
+            "unchanged state. Lower the learning rate / rho, check the data")
     if cfg.checkpoint.export:
         opt.eval()
         if cfg.eval.recalibrate_bn:

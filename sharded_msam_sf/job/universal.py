@@ -99,7 +99,8 @@ def prepare_universal(cfg, src: Path, rank: int, world: int) -> tuple[Path, str]
         return 0.0
     seconds = _agree(convert, f"universal checkpoint {tmp}")
     source = read_manifest(src)
-    seal(tmp, dest, state, rank, world, extra={"source": str(src), "source_run_id": source["run_id"]})
+    seal(tmp, dest, state, rank, world, extra={"source": str(src), "source_run_id": source["run_id"]},
+         replace_any=True)  # dest: the job's own conversion of an earlier checkpoint, rebuilt from it
     problems = verify(dest, rank, world, "deepspeed")
     if problems:
         raise CheckpointError(f"the universal checkpoint {dest} does not verify: " + "; ".join(problems[:3]) +
