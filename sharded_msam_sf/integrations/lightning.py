@@ -93,6 +93,7 @@ class ScheduleFreeCallback(Callback):
         self.recalibrate_bn = recalibrate_bn
         self.recalibrate_forward = recalibrate_forward
         self._calibrated_at: Optional[int] = None
+        self._init_accumulation()
 
     def _recalibrate(self, trainer: Any, pl_module: Any) -> bool:
         """With ``recalibrate_bn``: the statistics at x (every optimizer is in eval mode now), once per step."""
@@ -105,8 +106,7 @@ class ScheduleFreeCallback(Callback):
         self._calibrated_at = trainer.global_step
         return True
 
-    def __init__(self) -> None:
-        super().__init__()
+    def _init_accumulation(self) -> None:
         self._micro: List[Any] = []      # two_pass + accumulation: (batch, batch_idx) of the step so far
         self._ks: tuple = ()             # the optimizers' step counters at the batch's start
         self._held_clip: Any = None      # (gradient_clip_val,) while clipping is held off for g0
