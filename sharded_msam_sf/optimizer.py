@@ -49,7 +49,7 @@ from torch.optim import Optimizer
 from . import hyperparams as H
 from . import kernels as K
 from .backends import Backend, resolve_backend
-from .backends.zero import refuse_unbound_zero
+from .backends.zero import refuse_unattached_ascent, refuse_unbound_zero
 from .hyperparams import SAM_MODES, default_rho
 from .kernels.rules import decode_flag, encode_flags
 
@@ -561,6 +561,8 @@ class AdamWMSAMScheduleFree(Optimizer):
         the ascent point; this only checks that a gradient was taken there."""
         self._bind()  # late binding: before any state is created for these params
         self.require_train("move_to_ascent()")
+        if not self._has_grads():
+            refuse_unattached_ascent(self)  # in a DeepSpeed engine without attach(): its gradients are not ours
         self._check_groups("move_to_ascent()")
         if not self._has_grads():
             raise RuntimeError("move_to_ascent() needs the gradients of a first backward pass: "

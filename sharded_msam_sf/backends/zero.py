@@ -76,7 +76,11 @@ hooks).
   frame whose ``self`` is one of DeepSpeed's wrappers (``DeepSpeedZeroOptimizer``,
   ``DeepSpeedZeroOptimizer_Stage3``, ``BF16_Optimizer``, ``FP16_Optimizer``,
   ``FP16_UnfusedOptimizer``) holding this optimizer as ``.optimizer``; found, the step raises.
-  Only when ``deepspeed`` is imported and the optimizer is not bound.
+  Only when ``deepspeed`` is imported and the optimizer is not bound. two_pass calls
+  ``move_to_ascent()`` outside any step, where it finds no gradient (DeepSpeed keeps them in its
+  buffers): there :func:`refuse_unattached_ascent` looks for such a wrapper among the optimizer's
+  referrers (``gc.get_referrers``, on that error path only) and names ``attach``; for an attached
+  optimizer called directly it names the facade's ``move_to_ascent()``.
 - :func:`~sharded_msam_sf.deepspeed.register` *replaces* three ``DeepSpeedEngine`` methods (class
   attributes, put back by ``unregister()``), each calling DeepSpeed's original for anything else:
   ``_is_supported_optimizer(name)`` (the engine's sanity check asserts on an optimizer type it
@@ -101,6 +105,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import sys
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, Optional
 
@@ -116,7 +121,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..optimizer import AdamWMSAMScheduleFree
 
 __all__ = ["DeepSpeedBackend", "ZeroDriver", "bind", "gathered", "full_fp32_state_dict", "wrapper_classes",
-           "unbound_zero_wrapper", "refuse_unbound_zero", "load_universal"]
+           "unbound_zero_wrapper", "refuse_unbound_zero", "holding_zero_wrapper", "refuse_unattached_ascent",
+           "load_universal"]
 
 OVERFLOW_REASON = "DeepSpeed found a non-finite gradient (fp16: the loss scale drops) and skipped the step"
 
@@ -215,6 +221,13 @@ def unbound_zero_wrapper(optimizer: Any) -> Optional[Any]:
     return None
 
 
+def _unattached_message(zero: Any) -> str:
+    return (f"AdamWMSAMScheduleFree is stepped by DeepSpeed's {type(zero).__name__} without being attached to the "
+            f"engine (the step would use ||m|| per rank and per group): call "
+            f"sharded_msam_sf.deepspeed.attach(engine) after deepspeed.initialize, or "
+            f"sharded_msam_sf.deepspeed.register() before it (HF Trainer / Accelerate / Lightning)")
+
+
 def refuse_unbound_zero(optimizer: Any) -> None:
     """Raise if a DeepSpeed wrapper steps ``optimizer`` without :func:`bind`: it would compute
     ``||m||`` per rank and per (sub-)group, count ZeRO-3 sub-groups as steps, and leave
@@ -222,11 +235,57 @@ def refuse_unbound_zero(optimizer: Any) -> None:
     zero = unbound_zero_wrapper(optimizer)
     if zero is not None:
         _kind(zero)  # a wrapper attach() cannot bind (stage 0 fp16/bf16) raises its own NotImplementedError
+        raise RuntimeError(_unattached_message(zero))
+
+
+def holding_zero_wrapper(optimizer: Any) -> Optional[Any]:
+    """The DeepSpeed wrapper (:func:`wrapper_classes`) whose ``.optimizer`` is ``optimizer``, if the
+    optimizer is not bound to it (else None). Found among the objects that refer to the optimizer
+    (``gc.get_referrers``: a walk of the tracked objects, so only on an error path). Only when
+    ``deepspeed`` is imported."""
+    if "deepspeed" not in sys.modules:
+        return None
+    backend = optimizer.backend
+    if isinstance(backend, DeepSpeedBackend) and backend.driver is not None:
+        return None
+    try:
+        classes = wrapper_classes()
+    except ImportError:  # pragma: no cover
+        return None
+    for ref in gc.get_referrers(optimizer):
+        owners = gc.get_referrers(ref) if isinstance(ref, dict) else [ref]  # an instance's __dict__, or itself
+        for obj in owners:
+            if isinstance(obj, classes) and getattr(obj, "optimizer", None) is optimizer:
+                return obj
+    return None
+
+
+def refuse_unattached_ascent(optimizer: Any) -> None:
+    """Called by ``move_to_ascent()`` when it finds no gradient: raise a message that names the fix
+    if that is because DeepSpeed holds ``optimizer``. DeepSpeed keeps the gradients of
+    ``engine.backward`` in its own buffers (ZeRO-3 also empties the optimizer's ``param_groups``), so
+    the optimizer itself sees none although the user ran the backward pass: unattached, the fix is
+    :func:`~sharded_msam_sf.deepspeed.attach`; attached, ``move_to_ascent()`` of the facade it returns
+    (which runs it through the ZeRO step, where the gradients are handed over)."""
+    backend = optimizer.backend
+    driver = getattr(backend, "driver", None) if isinstance(backend, DeepSpeedBackend) else None
+    if driver is not None:
+        if not driver._in_step:
+            raise RuntimeError(
+                "move_to_ascent() was called on the AdamWMSAMScheduleFree inside a DeepSpeed engine: DeepSpeed holds "
+                "engine.backward's gradients, so call it on the facade that sharded_msam_sf.deepspeed.attach(engine) "
+                "or initialize() returns (or engine.optimizer.move_to_ascent()), and move_from_ascent() likewise")
+        return
+    zero = holding_zero_wrapper(optimizer)
+    if zero is not None:
+        _kind(zero)
         raise RuntimeError(
-            f"AdamWMSAMScheduleFree is stepped by DeepSpeed's {type(zero).__name__} without being attached to the "
-            f"engine (the step would use ||m|| per rank and per group): call "
-            f"sharded_msam_sf.deepspeed.attach(engine) after deepspeed.initialize, or "
-            f"sharded_msam_sf.deepspeed.register() before it (HF Trainer / Accelerate / Lightning)")
+            f"move_to_ascent() found no gradient: this AdamWMSAMScheduleFree is held by DeepSpeed's "
+            f"{type(zero).__name__} without being attached to the engine (DeepSpeed keeps engine.backward's "
+            f"gradients in its own buffers, and the step would use ||m|| per rank and per group): call "
+            f"optimizer = sharded_msam_sf.deepspeed.attach(engine) after deepspeed.initialize and use its "
+            f"move_to_ascent()/move_from_ascent(), or sharded_msam_sf.deepspeed.register() before it "
+            f"(HF Trainer / Accelerate / Lightning)")
 
 
 def bind(engine: Any, optimizer: "AdamWMSAMScheduleFree", zero: Any = None) -> "ZeroDriver":
