@@ -493,6 +493,8 @@ class AdamWMSAMScheduleFree(Optimizer):
         the ascent point; this only checks that a gradient was taken there."""
         self._bind()  # late binding: before any state is created for these params
         self.require_train("move_to_ascent()")
+        if not self._has_grads():
+            self._binding.refuse_unbound_ascent(self)  # an engine holds the gradients (DeepSpeed without attach)
         self._check_groups("move_to_ascent()")
         if not self._has_grads():
             raise RuntimeError("move_to_ascent() needs the gradients of a first backward pass: "

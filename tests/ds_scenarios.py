@@ -130,6 +130,8 @@ def reference_run(steps, sam_mode: str, *, switch_at: Optional[int] = None, clip
     (see ``CONTROL_TOL``).
     ``dtype="fp16"``: the same, with the loss multiplied by ``loss_scales[k]`` (default 1) before
     the fp16 backward of step ``k`` and the gradient divided by it after the reduction.
+    ``clip``: the gradient-norm clipping of the gradient the update uses (two_pass: the second;
+    g0 is folded into m unclipped, ALGORITHM.md).
     ``nan_at={k: "first" or "second"}``: that pass of step ``k`` gives NaN gradients (two_pass:
     "first" is the ascent pass); ``skip_steps``: steps left out altogether. ``make``: the model
     (default :func:`make_model`; its trainable params grouped by :func:`param_groups`)."""
@@ -156,7 +158,7 @@ def reference_run(steps, sam_mode: str, *, switch_at: Optional[int] = None, clip
                 loss_fn(model(x), y).backward()
             else:
                 _low_precision_grads(model, low, x, y, world, (loss_scales or {}).get(k, 1.0))
-            if clip > 0:
+            if clip > 0 and (sam_mode != "two_pass" or which == "second"):  # g0 is folded unclipped
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             if (nan_at or {}).get(k) == which:
                 for p in model.parameters():

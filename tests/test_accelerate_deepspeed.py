@@ -20,7 +20,9 @@ TOL = 1e-5
 CASES = {"class-attach/zero2/one_pass/model_first": (2, "one_pass", "class-attach", "model_first"),
          "class-register/zero3/two_pass/optimizer_first": (3, "two_pass", "class-register", "optimizer_first"),
          "json/zero2/two_pass/optimizer_first": (2, "two_pass", "json", "optimizer_first"),
-         "json/zero3/one_pass/model_first": (3, "one_pass", "json", "model_first")}
+         "json/zero3/one_pass/model_first": (3, "one_pass", "json", "model_first"),
+         # DeepSpeed's gradient_clipping at every step: two_pass folds g0 unclipped (ALGORITHM.md)
+         "class-register/zero2/two_pass/model_first/clip0.05": (2, "two_pass", "class-register", "model_first", 0.05)}
 
 
 def _train(acc, model, opt, mode, rank, world):
@@ -50,9 +52,9 @@ def _ranks(rank, world, rec):
     from sharded_msam_sf import AdamWMSAMScheduleFree
     from sharded_msam_sf.deepspeed import attach, facade_of, register, unregister
 
-    def case(name, stage, mode, route, order):
+    def case(name, stage, mode, route, order, clip=0.0):
         AcceleratorState._reset_state(reset_partial_state=True)
-        cfg = S.ds_config(stage, "fp32", mode)
+        cfg = S.ds_config(stage, "fp32", mode, clip=clip)
         model = S.make_model()
         if route == "json":
             opt = DummyOptim(S.param_groups(model))
@@ -83,7 +85,9 @@ def _ranks(rank, world, rec):
             opt.eval()
             rec(name, eval_mode=not facade.train_mode, module_is_rounded_x=S.rounded_equal(model),
                 k=[g["k"] for g in facade.param_groups],
-                vs_reference=S.max_diff(facade.eval_state_dict(), S.reference_run(STEPS, mode)))
+                vs_reference=S.max_diff(facade.eval_state_dict(), S.reference_run(STEPS, mode, clip=clip)),
+                clip_moves_reference=S.max_diff(S.reference_run(STEPS, mode, clip=clip), S.reference_run(STEPS, mode))
+                if clip else None)
         finally:
             model.destroy()
 
@@ -108,6 +112,12 @@ def test_trajectory_equals_reference(results, case):
     for v in S.case_values(results, case):
         assert v["vs_reference"] <= TOL, v
         assert v["k"] == [STEPS] * len(v["k"]), v
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "clip" in c])
+def test_clipping_moves_the_reference(results, case):
+    for v in S.case_values(results, case):
+        assert v["clip_moves_reference"] > 1e-4, v
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -84,6 +84,29 @@ def _ranks(rank, world, rec):
         finally:
             engine.destroy()
 
+    def unattached_two_pass(name, stage):
+        """two_pass without attach(): the user's move_to_ascent() after engine.backward names attach()."""
+        engine, ours = S.make_engine_elsewhere(S.ds_config(stage, "fp32", "two_pass"))
+        try:
+            ours.train()
+            x, y = S.batch(0)
+            engine.backward(S.loss_fn(engine(x[:4]), y[:4]))
+            try:
+                ours.move_to_ascent()
+                rec(name, raised=None)
+            except RuntimeError as e:
+                rec(name, raised=str(e))
+            facade = attach(engine)  # attached, the raw optimizer's move_to_ascent() names the facade's
+            try:
+                ours.move_to_ascent()
+                rec(name, raised_attached=None)
+            except RuntimeError as e:
+                rec(name, raised_attached=str(e))
+            facade.move_to_ascent()  # and the facade's runs (the gradient is still in DeepSpeed's buffers)
+            rec(name, facade_at_ascent=all(g["at_ascent"] for g in ours.param_groups))
+        finally:
+            engine.destroy()
+
     def unattached(name):
         engine, ours = S.make_engine_elsewhere(S.ds_config(2, "fp32", "one_pass"))
         try:
@@ -185,6 +208,8 @@ def _ranks(rank, world, rec):
     for name, (stage, mode, dtype) in ATTACH_CASES.items():
         rec.case(name, lambda: attached(name, stage, mode, dtype))
     rec.case("unattached", lambda: unattached("unattached"))
+    for stage in (2, 3):
+        rec.case(f"unattached/zero{stage}/two_pass", lambda: unattached_two_pass(f"unattached/zero{stage}/two_pass", stage))
     for name, (stage, mode) in REGISTER_CASES.items():
         rec.case(name, lambda: registered(name, stage, mode))
     rec.case("register/refusals", lambda: register_refusals("register/refusals"))
@@ -237,6 +262,17 @@ def test_attach_is_idempotent(results):
 def test_register_attaches_the_engine_it_builds(results):
     for v in S.case_values(results, "register/zero3/one_pass"):
         assert v["is_facade"] == "DeepSpeedMSAMOptimizer" and v["same_zero"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_unattached_two_pass_ascent_raises_naming_attach(results, stage):
+    """two_pass's first call after engine.backward is move_to_ascent(): it names attach(), not a missing
+    backward pass; attached, the raw optimizer's move_to_ascent() names the facade's."""
+    for v in S.case_values(results, f"unattached/zero{stage}/two_pass"):
+        assert v["raised"] is not None and "attach(engine)" in v["raised"] and "register()" in v["raised"], v
+        assert "without being attached" in v["raised"] and "needs the gradients" not in v["raised"], v
+        assert v["raised_attached"] is not None and "on the facade" in v["raised_attached"], v
+        assert v["facade_at_ascent"], v
 
 
 def test_unattached_step_raises_naming_attach(results):

@@ -270,7 +270,7 @@ def test_facade_move_to_ascent_in_eval_mode_raises(feature_runs, case):
 
 @pytest.mark.parametrize("case", list(CLIP_CASES))
 def test_clipping_matches_a_clipped_single_process_run(feature_runs, case):
-    """DeepSpeed clips before the client step (two_pass: both gradients)."""
+    """DeepSpeed clips before the client step (two_pass: the second gradient; g0 is folded unclipped)."""
     for r, v in enumerate(S.case_values(feature_runs, case)):
         assert v["grad_norm"] > 0.05, f"rank {r}: clipping is not active in this test (norm {v['grad_norm']})"
         assert v["vs_unclipped"] > 1e-4, f"rank {r}: clipping made no difference"

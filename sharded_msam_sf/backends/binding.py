@@ -115,3 +115,12 @@ class Binding:
         if "deepspeed" in sys.modules:
             from .zero import refuse_unbound_zero
             refuse_unbound_zero(opt)
+
+    def refuse_unbound_ascent(self, opt: Optimizer) -> None:
+        """Called by ``move_to_ascent()`` when it finds no gradient: raise naming the fix when that is because
+        an engine holds the gradients (a DeepSpeed wrapper the optimizer is not attached to, or an attached
+        optimizer called directly instead of through its facade; :func:`~.zero.refuse_unattached_ascent`).
+        Looked for only when ``deepspeed`` is imported."""
+        if "deepspeed" in sys.modules:
+            from .zero import refuse_unattached_ascent
+            refuse_unattached_ascent(opt)

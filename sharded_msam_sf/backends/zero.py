@@ -23,6 +23,7 @@ the step raises. Only when ``deepspeed`` is imported and the optimizer is not bo
 """
 from __future__ import annotations
 
+import gc
 import sys
 from typing import Any, Dict, Optional
 
@@ -31,7 +32,8 @@ from torch import Tensor
 
 from .base import Backend
 
-__all__ = ["DeepSpeedBackend", "wrapper_kind", "wrapper_classes", "unbound_zero_wrapper", "refuse_unbound_zero"]
+__all__ = ["DeepSpeedBackend", "wrapper_kind", "wrapper_classes", "unbound_zero_wrapper", "refuse_unbound_zero",
+           "holding_zero_wrapper", "refuse_unattached_ascent"]
 
 
 class DeepSpeedBackend(Backend):
@@ -144,3 +146,51 @@ def refuse_unbound_zero(optimizer: Any) -> None:
             f"engine (the step would use ||m|| per rank and per group): call "
             f"sharded_msam_sf.deepspeed.attach(engine) after deepspeed.initialize, or "
             f"sharded_msam_sf.deepspeed.register() before it (HF Trainer / Accelerate / Lightning)")
+
+
+def holding_zero_wrapper(optimizer: Any) -> Optional[Any]:
+    """The DeepSpeed wrapper (:func:`wrapper_classes`) whose ``.optimizer`` is ``optimizer``, if the
+    optimizer is not bound to it (else None). Found among the objects that refer to the optimizer
+    (``gc.get_referrers``: a walk of the tracked objects, so only on an error path). Only when
+    ``deepspeed`` is imported."""
+    if "deepspeed" not in sys.modules:
+        return None
+    if getattr(optimizer.backend, "driver", None) is not None:
+        return None
+    try:
+        classes = wrapper_classes()
+    except ImportError:  # pragma: no cover
+        return None
+    for ref in gc.get_referrers(optimizer):
+        owners = gc.get_referrers(ref) if isinstance(ref, dict) else [ref]  # an instance's __dict__, or itself
+        for obj in owners:
+            if isinstance(obj, classes) and getattr(obj, "optimizer", None) is optimizer:
+                return obj
+    return None
+
+
+def refuse_unattached_ascent(optimizer: Any) -> None:
+    """Called by ``move_to_ascent()`` when it finds no gradient: raise a message that names the fix
+    if that is because DeepSpeed holds ``optimizer``. DeepSpeed keeps the gradients of
+    ``engine.backward`` in its own buffers (ZeRO-3 also empties the optimizer's ``param_groups``), so
+    the optimizer itself sees none although the user ran the backward pass: unattached, the fix is
+    ``sharded_msam_sf.deepspeed.attach``; attached, ``move_to_ascent()`` of the facade it returns
+    (which runs it through the ZeRO step, where the gradients are handed over)."""
+    driver = getattr(optimizer.backend, "driver", None)
+    if driver is not None:
+        if not driver._in_step:
+            raise RuntimeError(
+                "move_to_ascent() was called on the AdamWMSAMScheduleFree inside a DeepSpeed engine: DeepSpeed holds "
+                "engine.backward's gradients, so call it on the facade that sharded_msam_sf.deepspeed.attach(engine) "
+                "or initialize() returns (or engine.optimizer.move_to_ascent()), and move_from_ascent() likewise")
+        return
+    zero = holding_zero_wrapper(optimizer)
+    if zero is not None:
+        wrapper_kind(zero)  # a wrapper attach() cannot bind raises its own NotImplementedError
+        raise RuntimeError(
+            f"move_to_ascent() found no gradient: this AdamWMSAMScheduleFree is held by DeepSpeed's "
+            f"{type(zero).__name__} without being attached to the engine (DeepSpeed keeps engine.backward's "
+            f"gradients in its own buffers, and the step would use ||m|| per rank and per group): call "
+            f"optimizer = sharded_msam_sf.deepspeed.attach(engine) after deepspeed.initialize and use its "
+            f"move_to_ascent()/move_from_ascent(), or sharded_msam_sf.deepspeed.register() before it "
+            f"(HF Trainer / Accelerate / Lightning)")

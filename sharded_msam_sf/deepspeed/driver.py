@@ -22,8 +22,10 @@ bit16 weights the way DeepSpeed does after a checkpoint load.
 A step that DeepSpeed skips before calling the optimizer (fp16 overflow, a non-finite
 gradient norm) reaches it as ``optimizer.skip_step(reason)``. The two_pass ascent
 (``move_to_ascent()``) runs through the ZeRO optimizer's own ``step()``, so that the
-first gradient is reduced, unscaled (fp16), checked for overflow and clipped exactly
-like the second; a clean first pass leaves the loss scaler as it was.
+first gradient g0 is reduced, unscaled (fp16) and checked for overflow exactly like the
+second, but **not clipped**: ALGORITHM.md folds g0 into m unclipped on every engine (clipping
+applies to the gradient the update uses), so the wrapper's ``clip_grad`` is 0 for that call
+and put back after it; a clean first pass leaves the loss scaler as it was.
 
 **The DeepSpeed internals this uses** (deepspeed 0.16–0.19; ``ZeroDriver._REQUIRED`` checks
 them when binding). None has a public seam: DeepSpeed's engine has no callback around or
@@ -47,6 +49,9 @@ hooks).
   ``move_to_ascent()`` takes our optimizer's place for that call.
 - ``.loss_scaler`` — copied before the ascent pass and put back after a clean one, by
   assignment, as DeepSpeed's own checkpoint load does (``state_dict['loss_scaler']``).
+- ``.clip_grad`` — set to 0.0 for the ascent pass and put back after it (every wrapper reads it in
+  its ``step()``: ZeRO-1/2 and ZeRO-3 ``unscale_and_clip_grads``, BF16 ``clip_tensors_by_global_norm``),
+  so that g0 is folded unclipped.
 - Read and written, the masters and the bit16 weights: ZeRO-1/2
   ``single_partition_of_fp32_groups``, ``parallel_partitioned_bit16_groups``,
   ``real_dp_process_group``, ``bit16_groups``; BF16 ``fp32_groups_flat_partition``; ZeRO-3
@@ -194,7 +199,7 @@ class ZeroDriver:
         self.optimizer = optimizer
         self.zero = engine.optimizer if zero is None else zero
         self.kind = wrapper_kind(self.zero)
-        required = ("step", "overflow", "dp_process_group", "zero_grad") + self._REQUIRED[self.kind]
+        required = ("step", "overflow", "dp_process_group", "zero_grad", "clip_grad") + self._REQUIRED[self.kind]
         missing = [a for a in required if not hasattr(self.zero, a)]
         if missing:
             raise NotImplementedError(f"this DeepSpeed version's {type(self.zero).__name__} lacks {missing}; "
@@ -354,18 +359,23 @@ class ZeroDriver:
     # ------------------------------------------------------------------ two_pass ascent
     def ascent(self) -> None:
         """Run ``move_to_ascent()`` through the ZeRO optimizer's step (gradient reduction,
-        unscaling, overflow check and clipping as for a step); a clean pass leaves the loss
-        scaler as it was, so that it counts engine steps only."""
+        unscaling and overflow check as for a step), with DeepSpeed's clipping off for that call:
+        g0 is folded into m unclipped (ALGORITHM.md; ``gradient_clipping`` applies to the second
+        gradient, the one the update uses). A clean pass leaves the loss scaler as it was, so
+        that it counts engine steps only."""
         zero = self.zero
         scaler = getattr(zero, "loss_scaler", None)
         saved = copy.deepcopy(scaler)
+        clip = zero.clip_grad
         self._call = "move_to_ascent"
         stand_in = self.kind == "bf16"
         if stand_in:
             zero.optimizer = _AscentStandIn(self)
+        zero.clip_grad = 0.0
         try:
             zero.step()
         finally:
+            zero.clip_grad = clip
             self._call = "step"
             if stand_in:
                 zero.optimizer = self.optimizer

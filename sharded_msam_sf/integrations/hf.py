@@ -34,6 +34,11 @@ micro-batches, then the second over the same micro-batches at the ascent point (
 mean over them). Clipping (``max_grad_norm``) applies to g, the gradient the update uses; g0 is folded
 into m unclipped. one_pass is the plain ``Trainer`` loop.
 
+ZeRO-Offload (``offload_optimizer``) by class: Accelerate swaps a client optimizer for DeepSpeed's
+CPU Adam unless the DeepSpeed config has ``"zero_force_ds_cpu_optimizer": false``; MSAMTrainer
+refuses that config when it builds our optimizer, the callback the swapped optimizer, both naming
+the setting.
+
 Routes (see docs/integrations.md): ``optimizer_cls_and_kwargs=(AdamWMSAMScheduleFree, kwargs)``
 (one process, DDP, DeepSpeed), or under DeepSpeed the JSON optimizer section
 ``{"type": "AdamWMSAMScheduleFree", "params": {...}}`` after :func:`sharded_msam_sf.deepspeed.register`.
@@ -49,13 +54,56 @@ from transformers import Trainer, TrainerCallback
 from ..bn import recalibrate
 from ..deepspeed import find_optimizer
 
-__all__ = ["ScheduleFreeCallback", "MSAMTrainer", "find_optimizer"]
+__all__ = ["ScheduleFreeCallback", "MSAMTrainer", "find_optimizer", "offload_swaps_client_optimizer"]
 
 DROPPED_OPTIMIZER = (
     "Trainer(optimizers=(AdamWMSAMScheduleFree(...), ...)) with DeepSpeed: transformers drops that optimizer and "
     "builds its own (torch AdamW). Pass optimizer_cls_and_kwargs=(AdamWMSAMScheduleFree, kwargs) instead, or name "
     "it in the DeepSpeed JSON (\"optimizer\": {\"type\": \"AdamWMSAMScheduleFree\", \"params\": {...}}) after "
     "sharded_msam_sf.deepspeed.register()")
+
+
+OFFLOAD_SWAP = (
+    "HF Trainer + DeepSpeed with zero_optimization.offload_optimizer: Accelerate replaces a client optimizer by "
+    "DeepSpeed's CPU Adam (DeepSpeedCPUAdam, plain Adam with the lr and weight decay only) unless the DeepSpeed "
+    "config says otherwise, so AdamWMSAMScheduleFree would not run at all. Add \"zero_force_ds_cpu_optimizer\": "
+    "false at the top level of the DeepSpeed config (our optimizer runs on the offloaded CPU partitions), or name it "
+    "in the JSON optimizer section after sharded_msam_sf.deepspeed.register()")
+
+
+def _deepspeed_config(args: Any) -> dict:
+    hf = getattr(args, "hf_deepspeed_config", None)
+    return getattr(hf, "config", None) or {}
+
+
+def offload_swaps_client_optimizer(args: Any) -> bool:
+    """Whether Accelerate will replace a client optimizer by DeepSpeed's CPU Adam under these
+    TrainingArguments: a DeepSpeed config with ``offload_optimizer`` on a device (not "none"), no
+    optimizer section (the JSON route passes DeepSpeed a placeholder, never swapped), and
+    ``zero_force_ds_cpu_optimizer`` not false (Accelerate's ``prepare``, accelerate 1.x)."""
+    cfg = _deepspeed_config(args)
+    offload = (cfg.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    device = offload.get("device", "none") if isinstance(offload, dict) else "none"
+    return device not in (None, "none") and "optimizer" not in cfg and cfg.get("zero_force_ds_cpu_optimizer", True) \
+        not in (False, "false")
+
+
+def _ds_cpu_optimizer(optimizer: Any) -> Optional[Any]:
+    """DeepSpeed's CPU optimizer (DeepSpeedCPUAdam/Adagrad/Lion) behind ``optimizer``'s ``.optimizer`` chain, or None."""
+    classes = []
+    for module, name in (("deepspeed.ops.adam", "DeepSpeedCPUAdam"), ("deepspeed.ops.adagrad", "DeepSpeedCPUAdagrad"),
+                         ("deepspeed.ops.lion", "DeepSpeedCPULion")):
+        try:
+            classes.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):  # pragma: no cover - another DeepSpeed version
+            pass
+    seen = 0
+    while optimizer is not None and seen < 8:
+        if classes and isinstance(optimizer, tuple(classes)):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return None
 
 
 def _deepspeed_enabled(args: Any) -> bool:
@@ -115,6 +163,9 @@ class ScheduleFreeCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
         ours = self._ours(optimizer, model)
+        if ours is None and _deepspeed_enabled(args) and _ds_cpu_optimizer(optimizer) is not None:
+            raise TypeError(f"ScheduleFreeCallback: the Trainer's optimizer is DeepSpeed's "
+                            f"{type(_ds_cpu_optimizer(optimizer)).__name__}. {OFFLOAD_SWAP}")
         if ours is None:
             raise TypeError(f"ScheduleFreeCallback: the Trainer's optimizer is {type(optimizer).__name__}, not "
                             f"AdamWMSAMScheduleFree (use Trainer(optimizer_cls_and_kwargs=(AdamWMSAMScheduleFree, "
@@ -181,6 +232,15 @@ class MSAMTrainer(Trainer):
         if not any(isinstance(c, ScheduleFreeCallback) or c is ScheduleFreeCallback for c in callbacks):
             callbacks.append(ScheduleFreeCallback())
         super().__init__(*args, callbacks=callbacks, **kwargs)
+
+    def create_optimizer(self, *args: Any, **kwargs: Any):
+        """The Trainer's, then a refusal where Accelerate would swap ours for DeepSpeed's CPU Adam
+        (:func:`offload_swaps_client_optimizer`), before that optimizer is built."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if (_deepspeed_enabled(self.args) and find_optimizer(optimizer, bind=False) is not None
+                and offload_swaps_client_optimizer(self.args)):
+            raise ValueError(f"MSAMTrainer: {OFFLOAD_SWAP}")
+        return optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         ours = find_optimizer(self.optimizer)
