@@ -6,6 +6,10 @@ and the README for the training loops (one_pass, two_pass, DDP, FSDP, DeepSpeed)
 from .hyperparams import SAM_MODES, default_rho
 from .optimizer import AdamWMSAMScheduleFree
 from .reference import AdamWMSAMScheduleFreeReference
+from . import save_guards as _save_guards
+from .integrations.hf_guard import warn_if_trainer_without_callback as _hf_guard
+
+_save_guards.register(_hf_guard)  # warns when a transformers Trainer saves without ScheduleFreeCallback
 
 __all__ = ["AdamWMSAMScheduleFree", "AdamWMSAMScheduleFreeReference", "SAM_MODES", "default_rho"]
 __version__ = "0.1.0"

@@ -38,7 +38,6 @@ gradient evaluation — the groups' sums of squares of ``m`` and a non-finite fl
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -47,6 +46,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import hyperparams as H
+from . import save_guards
 from . import kernels as K
 from .backends import Backend, resolve_backend
 from .backends.binding import Binding
@@ -201,11 +201,10 @@ class AdamWMSAMScheduleFree(Optimizer):
         self._binding.pin(resolve_backend((), backend=backend, pipeline_group=self._binding.pipeline_group))
 
     def state_dict(self) -> Dict[str, Any]:
-        """torch's ``state_dict``; a transformers Trainer that saves it in train mode without
-        ScheduleFreeCallback gets a warning (its model file holds y: see integrations/hf_guard.py)."""
-        if "transformers.trainer" in sys.modules and self.param_groups and self.param_groups[0].get("train_mode"):
-            from .integrations.hf_guard import warn_if_trainer_without_callback
-            warn_if_trainer_without_callback(self)
+        """torch's ``state_dict``, after the registered :mod:`sharded_msam_sf.save_guards` (a transformers
+        Trainer that saves it in train mode without ScheduleFreeCallback gets a warning: its model files hold
+        y; see integrations/hf_guard.py)."""
+        save_guards.run(self)
         return super().state_dict()
 
     # ------------------------------------------------------------------ groups

@@ -18,7 +18,7 @@ PKG = Path(__file__).resolve().parents[1] / "sharded_msam_sf"
 # bottom-up; the first matching prefix wins (longest prefixes first where they overlap)
 LAYERS = [
     (0, ("kernels", "hyperparams", "teardown", "launch_env")),                          # the math, the rules, the process
-    (1, ("reference", "backends", "config", "jsonfile", "weights_io", "testing")),    # oracle, engines' views, schemas
+    (1, ("reference", "backends", "config", "jsonfile", "weights_io", "output_dir", "save_guards", "testing")),    # oracle, engines' views, schemas
     (2, ("optimizer",)),                                                                # the optimizer
     (3, ("deepspeed", "deepspeed_config", "analysis", "accumulation", "bn", "portable")),  # DeepSpeed wing, analysis, loops, BN, portable state
     (4, ("integrations",)),                                                             # HF, Lightning
@@ -31,7 +31,7 @@ FORBIDDEN = [
     ("backends", "optimizer", ()),
     ("backends", "deepspeed", ()),
     ("optimizer", "deepspeed", ()),
-    ("", "job", ("job", "train", "export", "checkpoint")),
+    ("", "job", ("job", "train", "export", "checkpoint", "checkpoint_seal")),
 ]
 
 

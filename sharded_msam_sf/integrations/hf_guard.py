@@ -4,8 +4,8 @@
 Without the callback the Trainer saves its model while the optimizer is in train mode: every checkpoint's
 model file and the final ``save_model()`` hold y (one_pass: ``y + s·m``), the training point, not the
 averaged x that Schedule-Free evaluates and ships. The Trainer gives no hook to code that it was not handed,
-so :meth:`AdamWMSAMScheduleFree.state_dict` (which the Trainer calls at each checkpoint) calls
-:func:`warn_if_trainer_without_callback`: it looks up the call stack for a ``transformers.Trainer`` (only
+so :meth:`AdamWMSAMScheduleFree.state_dict` (which the Trainer calls at each checkpoint) runs the
+:mod:`sharded_msam_sf.save_guards`, where the package root registers :func:`warn_if_trainer_without_callback`: it looks up the call stack for a ``transformers.Trainer`` (only
 when ``transformers.trainer`` is imported and the optimizer is in train mode) and warns once per optimizer,
 naming the fix. (Lightning refuses to fit without its callback: its optimizer hooks allow that.)
 """
@@ -45,7 +45,10 @@ def _trainer_on_stack(limit: int = 40) -> Any:
 def warn_if_trainer_without_callback(optimizer: Any) -> None:
     """Warn once (per optimizer) when a transformers Trainer without ScheduleFreeCallback saves it in train
     mode (see the module docstring)."""
-    if getattr(optimizer, "_hf_no_callback_warned", False):
+    if getattr(optimizer, "_hf_no_callback_warned", False) or "transformers.trainer" not in sys.modules:
+        return
+    groups = getattr(optimizer, "param_groups", None)
+    if not groups or not groups[0].get("train_mode"):
         return
     trainer = _trainer_on_stack()
     if trainer is None:
