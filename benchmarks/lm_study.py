@@ -93,6 +93,7 @@ class Spec:
     short_budget: bool = True # a cosine optimizer also gets its own run at the smaller budgets
     tune_like: str | None = None  # take the chosen hyperparameters of this optimizer instead of tuning
     rho_grid: tuple = ()      # the SAM family: ρ tuned on this grid at Schedule-Free AdamW's chosen lr
+    core: bool = True         # False: a comparison, measured at the smallest budget only, after the core runs
 
     @property
     def sam_mode(self) -> str:
@@ -109,11 +110,10 @@ OPTIMIZERS = {
     "sam_sf": Spec("SAM + SF (two_pass, β_m=0)", "msam", LR_GRID, rho=0.05, two_pass=True, ascent_beta=0.0,
                    rho_grid=(0.02, 0.05)),
     "msam_sf_1p_seed": Spec("one_pass, seed's sign (+ρ·m/|m|)", "seed_sign", LR_GRID, rho=1.0,
-                            tune_like="msam_sf_1p"),
-    "psgd_kron": Spec("PSGD-Kron (heavyball, cosine)", "psgd", (3e-4, 1e-3), anytime=False,
-                      short_budget=False),
+                            tune_like="msam_sf_1p", core=False),
+    "psgd_kron": Spec("PSGD-Kron (heavyball, cosine)", "psgd", (3e-4, 1e-3), anytime=False, core=False),
     "hb_msam": Spec("heavyball MSAM (per-tensor norm, cosine)", "hb_msam", LR_GRID, rho=0.1, anytime=False,
-                    short_budget=False, rho_grid=(0.03, 0.1)),
+                    rho_grid=(0.03, 0.1), core=False),
 }
 SHARPNESS_RHOS = (0.01, 0.05, 0.1)
 MIN_LR_FRAC = 0.1      # cosine decays to 10% of the peak lr
@@ -246,7 +246,9 @@ class Run:
 
 
 def plan_cells(spec: Spec, budgets: list, steps_budgets: bool = True) -> list:
-    """[(steps of the run, [(kind, N, step)])] for one optimizer and seed: the runs and where they are measured."""
+    """[(steps of the run, [(kind, N, step)])] for one optimizer and seed: the runs and where they are measured
+    (a comparison, ``core=False``, at the smallest budget only)."""
+    budgets = sorted(budgets) if spec.core else [min(budgets)]
     if not spec.anytime:
         return [(n, [("grads", n, n), ("steps", n, n)]) for n in budgets if spec.short_budget or n == max(budgets)]
     top = max(budgets)
@@ -355,7 +357,7 @@ def train_run(run: Run, base_settings: list, env, corpus, args) -> dict:
                     rec["val_loss_y"] = evaluate(_EvalView(engine, _Modes(opt, at_y=True)), batches, env.device)
                     opt.eval()
                     opt.train()
-                if run.flatness and n == max(args.budgets):
+                if run.flatness and n == max(c[1] for c in run.cells):
                     rec.update(flatness(engine, opt, meas, args))
                 cells.append(rec)
             measure_time += time.perf_counter() - tm
@@ -443,7 +445,7 @@ class Study:
         point wins. The SAM family (``rho_grid``): Schedule-Free AdamW's chosen lr (the family is SF-AdamW plus a
         perturbation; ρ → 0 is SF-AdamW) and ρ on the grid. Every tuning run of ``name`` already in the store (an
         earlier, wider search) is a candidate too, and is listed."""
-        spec, n = OPTIMIZERS[name], min(self.args.budgets)
+        spec, n = OPTIMIZERS[name], self.args.tune_budget
         steps = n // 2 if spec.two_pass else n
         one = lambda hp: self.get_or_run(Run(name, hp, 0, steps, [("grads", n, steps)], "tune", flatness=False))
         tried = []
@@ -483,8 +485,8 @@ class Study:
             log(f"{name}: chosen {chosen[name]['chosen']}")
         if self.env.rank == 0:
             (a.out / "tuning.json").write_text(json.dumps(chosen, indent=1))
-        for seed in a.seed_list:
-            for name in a.optimizers:
+        for core in (True, False):  # every seed of the core optimizers first, then the comparisons
+            for seed, name in [(s, n) for s in a.seed_list for n in a.optimizers if OPTIMIZERS[n].core == core]:
                 spec = OPTIMIZERS[name]
                 for steps, cells in plan_cells(spec, a.budgets, a.steps_budgets):
                     self.get_or_run(Run(name, chosen[name]["chosen"], seed, steps, cells, "final",
@@ -519,13 +521,15 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=float, default=None,
                    help="gpt124m: the token budget(s) (comma-separated) -> gradient evaluations = tokens / (global batch x "
                         "block size)")
-    p.add_argument("--budgets", default=None, help="gradient evaluations, comma-separated (default 100,200; quick 10,20)")
+    p.add_argument("--budgets", default=None, help="gradient evaluations, comma-separated (default 50,100; quick 10,20)")
     p.add_argument("--seeds", type=int, default=None, help="seeds after tuning (default 3; quick 2; gpt124m 1)")
     p.add_argument("--optimizers", default=None, help="comma-separated subset of " + ",".join(OPTIMIZERS))
     p.add_argument("--hp", nargs="*", default=None, help="fixed hyperparameters, NAME.lr=V NAME.rho=V (skips tuning)")
     p.add_argument("--set", nargs="*", default=[], dest="overrides",
                    help="job config overrides key=value after the preset's (e.g. model.n_layer=2)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 10%% of the smallest budget)")
+    p.add_argument("--tune-budget", type=int, default=None,
+                   help="gradient evaluations of the tuning runs (default: the largest budget)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 10%% of the tuning budget)")
     p.add_argument("--curve-every", type=int, default=None, help="validation every N gradient evaluations")
     p.add_argument("--hessian-iters", type=int, default=None, help="power iterations (0: no flatness measures)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; the machine is shared)")
@@ -552,17 +556,17 @@ def parse_args(argv=None):
     if a.token_budgets is not None and a.budgets is not None:
         p.error("give --tokens or --budgets, not both")
     if a.token_budgets is None:
-        a.budgets = [int(v) for v in (a.budgets or ("10,20" if a.quick else "100,200")).split(",")]
+        a.budgets = [int(v) for v in (a.budgets or ("10,20" if a.quick else "50,100")).split(",")]
     a.seeds = a.seeds if a.seeds is not None else (1 if gpu else 2 if a.quick else 3)
     a.seed_list = list(range(1, a.seeds + 1))
     a.lr_grid = {name: (3e-3, 1e-2) for name in OPTIMIZERS} if a.quick else {}
     a.rho_grid = {}
-    a.lr_extend = 0 if a.quick else 1
+    a.lr_extend = 0 if a.quick or gpu else 1
     a.steps_budgets = True
-    a.hessian_iters = a.hessian_iters if a.hessian_iters is not None else (2 if a.quick else 5 if gpu else 8)
+    a.hessian_iters = a.hessian_iters if a.hessian_iters is not None else (2 if a.quick else 5)
     a.hessian_tol = 1e-2
-    a.landscape_points = 5 if a.quick else 11
-    a.measure_batches, a.measure_per_batch = (1, 4) if a.quick else (2, 4)
+    a.landscape_points = 5 if a.quick else 9
+    a.measure_batches, a.measure_per_batch = (1, 4) if a.quick else (1, 8)
     a.out = Path(a.out) if a.out else ROOT / ("runs/lm_quick" if a.quick else
                                               "runs/lm_gpt124m" if gpu else "benchmarks/results/lm_study")
     return a
@@ -583,8 +587,9 @@ def main(argv=None) -> int:
     if args.token_budgets is not None:
         per_grad = cfg0.train.global_batch_size * cfg0.model.block_size
         args.budgets = [max(2, int(round(t / per_grad))) for t in args.token_budgets]
-    args.warmup = args.warmup if args.warmup is not None else max(1, min(args.budgets) // 10)
-    args.curve_every = args.curve_every or max(2, min(args.budgets) // 2 // 2 * 2)
+    args.tune_budget = args.tune_budget or max(args.budgets)
+    args.warmup = args.warmup if args.warmup is not None else max(1, args.tune_budget // 10)
+    args.curve_every = args.curve_every or max(1, min(args.budgets) // 2)
     corpus = load_corpus(cfg0)
     log(f"{corpus.description}: train {len(corpus.train):,} / val {len(corpus.val):,} tokens; unigram baseline "
         f"{corpus.unigram_baseline():.4f}; {env.world_size} rank(s) on {env.device}; budgets {args.budgets} "
@@ -596,7 +601,7 @@ def main(argv=None) -> int:
     if env.rank == 0:
         meta = dict(command=" ".join(["python", "benchmarks/lm_study.py"] + (sys.argv[1:] if argv is None else list(argv))),
                     settings=args.settings, budgets=args.budgets, seeds=args.seed_list, warmup=args.warmup,
-                    curve_every=args.curve_every, hessian_iters=args.hessian_iters, hessian_tol=args.hessian_tol,
+                    curve_every=args.curve_every, tune_budget=args.tune_budget, hessian_iters=args.hessian_iters, hessian_tol=args.hessian_tol,
                     sharpness_rhos=SHARPNESS_RHOS, weight_decay=WEIGHT_DECAY, min_lr_frac=MIN_LR_FRAC,
                     threads=args.threads, torch=torch.__version__,
                     world_size=env.world_size, device=str(env.device), train_tokens=len(corpus.train),

@@ -118,9 +118,16 @@ def markdown(rows: list, meta: dict) -> str:
             "unperturbed weights); y: the schedule-free gradient point. Flatness measures (λmax by power iteration, "
             f"tol {meta.get('hessian_tol', '?')}, ≤ {meta.get('hessian_iters', '?')} HVPs; SAM sharpness; rise of the "
             "train loss at α = ±0.2 along a filter-normalized random direction) on a fixed set of training "
-            "windows, at the largest budget only. 'tie' = |Δ| ≤ the larger std. train s = training seconds "
+            "windows, at each run's largest budget only. 'tie' = |Δ| ≤ the larger std. train s = training seconds "
             "to that budget under load (not a speed figure).\n")
     return head + "\n".join(lines) + "\n" + note
+
+
+def _flat_cells(final: list, name: str) -> list:
+    """The cells of ``name`` that carry the flatness measures (each run's largest budget, equal gradients)."""
+    cs = [c for r in final if r["optimizer"] == name for c in r["cells"] if c["budget"] == "grads" and "hessian_top" in c]
+    top = max((c["N"] for c in cs), default=None)
+    return [c for c in cs if c["N"] == top]
 
 
 def plots(recs: list, rows: list, optimizers: dict, out: Path) -> list:
@@ -135,7 +142,6 @@ def plots(recs: list, rows: list, optimizers: dict, out: Path) -> list:
     names = [n for n in optimizers if any(r["optimizer"] == n for r in rows)]
     colors = dict(zip(optimizers, plt.get_cmap("tab10").colors))
     final = [r for r in recs if r["phase"] == "final" and r["finished"]]
-    top = max((r["N"] for r in rows), default=None)
     written = []
 
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -166,17 +172,16 @@ def plots(recs: list, rows: list, optimizers: dict, out: Path) -> list:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for name in names:
-        ls = [c["landscape_1d"] for r in final if r["optimizer"] == name for c in r["cells"]
-              if c["budget"] == "grads" and c["N"] == top and "landscape_1d" in c]
-        if not ls:
+        cs = _flat_cells(final, name)
+        if not cs:
             continue
-        a = ls[0]["alphas"]
-        y = np.array([v["losses"] for v in ls])
-        ax.plot(a, y.mean(0), color=colors[name], label=optimizers[name].label,
-                ls="--" if name == "msam_sf_1p_seed" else "-")
+        a = cs[0]["landscape_1d"]["alphas"]
+        y = np.array([c["landscape_1d"]["losses"] for c in cs])
+        ax.plot(a, y.mean(0), color=colors[name], label=f"{optimizers[name].label}, N = {cs[0]['N']}",
+                ls="-" if optimizers[name].core else "--")
     ax.set_xlabel("α (filter-normalized random direction)")
     ax.set_ylabel("train loss at x + α·d (mean over seeds)")
-    ax.set_title(f"1-D loss landscape at the final x (equal gradient evaluations, N = {top})")
+    ax.set_title("1-D loss landscape at the final x (mean over seeds; the run's largest budget N)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -189,8 +194,7 @@ def plots(recs: list, rows: list, optimizers: dict, out: Path) -> list:
     for ax, key, title in ((axes[0], "hessian_top", "top Hessian eigenvalue λmax"),
                            (axes[1], "sharp", f"SAM sharpness (ρ={SHARP_RHO})")):
         for name in names:
-            cs = [c for r in final if r["optimizer"] == name for c in r["cells"]
-                  if c["budget"] == "grads" and c["N"] == top and "hessian_top" in c]
+            cs = _flat_cells(final, name)
             xs = [c["hessian_top"] if key == "hessian_top" else c["sam_sharpness"][SHARP_RHO] for c in cs]
             ax.scatter(xs, [c["val_loss_x"] for c in cs], color=colors[name], label=optimizers[name].label,
                        marker="o" if all(c["hessian_converged"] for c in cs) else "x")
@@ -211,12 +215,12 @@ def plots(recs: list, rows: list, optimizers: dict, out: Path) -> list:
             if r["optimizer"] != name or r["seed"] != first:
                 continue
             for c in r["cells"]:
-                if c["budget"] == "grads" and c["N"] == top and "hessian_history" in c:
+                if c["budget"] == "grads" and "hessian_history" in c:
                     h = c["hessian_history"]
                     ax.plot(range(1, len(h) + 1), h, marker=".", color=colors[name], label=optimizers[name].label)
     ax.set_xlabel("Hessian-vector products")
     ax.set_ylabel("Rayleigh quotient λ_k")
-    ax.set_title(f"power iteration (seed {first}, N = {top})")
+    ax.set_title(f"power iteration (seed {first}, each run's largest budget)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -40,7 +40,9 @@ def test_plan_cells_budgets():
         (150, [("grads", 100, 50), ("grads", 300, 150), ("steps", 100, 100)])]
     assert plan_cells(OPTIMIZERS["adamw"], [100, 300]) == [
         (100, [("grads", 100, 100), ("steps", 100, 100)]), (300, [("grads", 300, 300), ("steps", 300, 300)])]
-    assert plan_cells(OPTIMIZERS["psgd_kron"], [100, 300]) == [(300, [("grads", 300, 300), ("steps", 300, 300)])]
+    # the comparisons: the smallest budget only
+    assert plan_cells(OPTIMIZERS["psgd_kron"], [100, 300]) == [(100, [("grads", 100, 100), ("steps", 100, 100)])]
+    assert plan_cells(OPTIMIZERS["msam_sf_1p_seed"], [100, 300]) == [(100, [("grads", 100, 100), ("steps", 100, 100)])]
     f = warmup_cosine(10, 110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
@@ -61,13 +63,16 @@ def test_quick_grid_and_resume(tmp_path):
         assert tuning[name]["chosen"] == min(tried, key=lambda t: t["val_loss_x"])["hp"]
     for name in ("adamw", "sf_adamw", "psgd_kron"):
         assert [t["hp"]["lr"] for t in tuning[name]["tried"]] == [3e-3, 1e-2]
-    top = {(r["optimizer"], r["budget"]): r for r in rows if r["N"] == 20}
+    top = {(r["optimizer"], r["budget"]): r for r in rows
+           if r["N"] == (20 if OPTIMIZERS[r["optimizer"]].core else 10)}
     assert {n for n, _ in top} == set(OPTIMIZERS)
+    assert {r["optimizer"] for r in rows if r["N"] == 20} == {n for n, s in OPTIMIZERS.items() if s.core}
     for (name, budget), r in top.items():
+        n = r["N"]
         assert r["seeds"] == [1, 2], r
         assert r["val_loss_x"]["std"] > 0 and np.isfinite(r["val_loss_x"]["mean"])
         two = OPTIMIZERS[name].two_pass
-        assert r["grad_evals"] == (40 if budget == "steps" else 20) and r["steps"] == (10 if two and budget == "grads" else 20)
+        assert r["grad_evals"] == (2 * n if budget == "steps" else n) and r["steps"] == (n // 2 if two and budget == "grads" else n)
         if budget == "grads":
             assert r["hessian_top"] is not None and r["sharpness"] is not None and r["landscape_rise"] is not None
             assert r["gap"] is not None
