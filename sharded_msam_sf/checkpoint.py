@@ -11,7 +11,7 @@ converter, unchanged, does all the slicing and merging (ZeRO-1/2 and ZeRO-3 sour
 
 Sources: ZeRO-1/2/3 checkpoints of any world size, fp32 or bf16 (the fp32 masters are converted).
 Targets: ZeRO-1/2/3 at any world size, loaded with
-:func:`sharded_msam_sf.backends.zero_universal.load_universal` (the main job does this itself when
+:func:`sharded_msam_sf.deepspeed.universal.load_universal` (the main job does this itself when
 it resumes a DeepSpeed checkpoint on another world size or ZeRO stage). ZeRO-1/2 engines may also use
 DeepSpeed's own ``"checkpoint": {"load_universal": true}``. DeepSpeed's own ZeRO-3 universal loader
 would drop z and the counters of all groups but the first (see ``zero_universal``): the output is

@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .backends.zero_universal import deepspeed_safe_globals
+from .deepspeed.universal import deepspeed_safe_globals
 from .kernels import eager
 from .weights_io import HF_CONFIG_FILE, save_weights
 

@@ -393,8 +393,8 @@ class DeepSpeedEngine(_MicroBatches):
 
     def load_universal(self, path: Path) -> None:
         """A universal checkpoint of another world size or ZeRO stage (sharded_msam_sf.job.universal)."""
-        from ..backends.zero import load_universal
-        from ..backends.zero_universal import UniversalCheckpointError
+        from ..deepspeed.universal import load_universal
+        from ..deepspeed.universal import UniversalCheckpointError
         from .checkpoint import CheckpointError
         try:
             load_universal(self.model, path)
@@ -403,7 +403,7 @@ class DeepSpeedEngine(_MicroBatches):
 
     def full_state_dict(self):
         """The fp32 masters (x in eval mode), not rounded to a bf16 model's dtype: see
-        sharded_msam_sf.backends.zero.full_fp32_state_dict."""
+        sharded_msam_sf.deepspeed.weights.full_fp32_state_dict."""
         return self.optimizer.eval_state_dict(rank0_only=True)
 
     def close(self) -> None:
