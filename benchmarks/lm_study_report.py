@@ -69,10 +69,11 @@ def summarize(recs: list, optimizers: dict, tuning: dict) -> list:
             for m in METRICS:
                 row[m] = _stat([v[m] for v in vals])
             rows.append(row)
-    for row in rows:  # against AdamW at the same budget
-        base = next((r for r in rows if r["optimizer"] == "adamw" and r["N"] == row["N"]
-                     and r["budget"] in ("grads", row["budget"])), None)
-        row["vs_adamw"] = _verdict(row["val_loss_x"], base["val_loss_x"]) if base and row["optimizer"] != "adamw" else ""
+    for row in rows:  # against AdamW and Schedule-Free AdamW at the same budget (N steps = N grads for them)
+        for ref in ("adamw", "sf_adamw"):
+            base = next((r for r in rows if r["optimizer"] == ref and r["N"] == row["N"] and r["budget"] == "grads"), None)
+            row[f"vs_{ref}"] = (_verdict(row["val_loss_x"], base["val_loss_x"]) if base and row["optimizer"] != ref
+                                else "")
     return rows
 
 
@@ -98,7 +99,7 @@ def _g(s):
 def markdown(rows: list, meta: dict) -> str:
     head = ("| budget | optimizer | hp | steps | grad evals | val loss (x) | val ppl (x) | val loss (y) "
             "| train loss (grad pt) | train loss (x) | gap (val−train at x) | λmax | SAM sharpness ρ=0.05 "
-            "| 1-D rise ±0.2 | vs AdamW (val x) | train s |\n" + "|---" * 16 + "|\n")
+            "| 1-D rise ±0.2 | vs AdamW (val x) | vs SF-AdamW (val x) | train s |\n" + "|---" * 17 + "|\n")
     lines = []
     for r in rows:
         conv = ""
@@ -111,7 +112,7 @@ def markdown(rows: list, meta: dict) -> str:
         lines.append(f"| {bud} | {r['label']} | {hp} | {r['steps']} | {r['grad_evals']} | {_f(r['val_loss_x'])} "
                      f"| {_f(r['val_ppl_x'], 2)} | {_f(r['val_loss_y'])} | {_f(r['train_loss_grad_point'])} "
                      f"| {_f(r['train_loss_x'])} | {_f(r['gap'])} | {_g(r['hessian_top'])}{conv} "
-                     f"| {_g(r['sharpness'])} | {_g(r['landscape_rise'])} | {r['vs_adamw']} | {ts} |")
+                     f"| {_g(r['sharpness'])} | {_g(r['landscape_rise'])} | {r['vs_adamw']} | {r['vs_sf_adamw']} | {ts} |")
     seeds = sorted({s for r in rows for s in r["seeds"]})
     note = (f"\nMean ± sample std over seeds {seeds}. Losses in nats per byte (perplexity per byte). "
             "x: the evaluation weights (schedule-free average; AdamW/PSGD: the weights; heavyball MSAM: the "
