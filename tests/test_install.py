@@ -1,7 +1,6 @@
 """Install and launch like the stock tools (issue 24): shipped configs and their names, the console
-commands, --print-config / --list-configs / --help, the checks that fail before any process group
-(printed by rank 0 only), and the stock DeepSpeed route (``deepspeed.initialize(args=...)`` with
-``--deepspeed_config`` after ``register()``) under the stock ``deepspeed`` launcher."""
+commands, --print-config / --list-configs / --help, and the checks that fail before any process group
+(printed by rank 0 only). The wheel route and the stock DeepSpeed launcher: tests/test_wheel.py."""
 from __future__ import annotations
 
 import json
@@ -159,35 +158,3 @@ def test_thread_hint_only_when_the_thread_count_is_left_to_torch(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS")
     hint = preflight.thread_hint(cfg, 2)
     assert hint.startswith("hint: OMP_NUM_THREADS is not set") and "2 local rank(s)" in hint
-
-
-# ------------------------------------------------------------------ the stock DeepSpeed route
-@pytest.mark.slow
-def test_stock_deepspeed_initialize_under_the_stock_launcher(tmp_path):
-    """README's DeepSpeed section: register(), then deepspeed.initialize(args=...) with
-    --deepspeed_config, started by the stock `deepspeed` launcher (which passes --local_rank)."""
-    env = clean_env(ROOT)
-    env["DS_ACCELERATOR"] = "cpu"
-    launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
-           str(_free_port()), "examples/deepspeed_stock.py", "--deepspeed_config", "configs/deepspeed/zero2-cpu.json",
-           "--steps", "60"]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    line = [ln for ln in p.stdout.splitlines() if ln.startswith("eval-mode (x) loss")]
-    assert len(line) == 1, p.stdout[-2000:]  # rank 0 only
-    end, start = (float(t) for t in line[0].replace("(", " ").replace(")", " ").split() if _is_float(t))
-    assert end < 0.5 * start, line
-
-
-def _is_float(t: str) -> bool:
-    try:
-        float(t)
-        return True
-    except ValueError:
-        return False
-
-
-def _free_port() -> int:
-    from sharded_msam_sf.launch_env import free_port
-    return free_port()
