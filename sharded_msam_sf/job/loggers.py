@@ -7,7 +7,8 @@
 * ``log.mlflow: true`` — an MLflow run (``pip install 'sharded_msam_sf[mlflow]'``): the config
   flattened to params (``engine.name``, ``optimizer.params.lr``, ...), the scalars as metrics
   (``train/loss`` → ``train_loss``: MLflow's names), tracking URI ``MLFLOW_TRACKING_URI`` or
-  ``out_dir/mlruns`` (a local file store, no server).
+  ``out_dir/mlruns`` (a local file store, no server; ``MLFLOW_ALLOW_FILE_STORE=true`` is set for it,
+  MLflow 3 refuses the file store otherwise).
 
 :class:`Writers` sends the same ``scalars(step, {tag: value})`` to each of them and to the
 TensorBoard writer, and the config once (``hparams``).
@@ -58,7 +59,10 @@ class MlflowWriter:
     def __init__(self, out_dir: Path, config: dict, experiment: str):
         import mlflow
         self.mlflow = mlflow
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (out_dir / "mlruns").resolve().as_uri()
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:  # a local file store, no server, no database package (MLflow 3 asks for this opt-in)
+            uri = (out_dir / "mlruns").resolve().as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(experiment)
         self.run = mlflow.start_run(run_name=out_dir.name)
