@@ -17,6 +17,12 @@ if [ ! -f "$venv/.smsf-min-installed" ]; then
   python -m pip install -q -c "$root/constraints-min.txt" -e "$root[test,deepspeed,train,tensorboard]"
   touch "$venv/.smsf-min-installed"
 fi
+# torch 2.6.0 from PyPI pulls triton 3.2.0; with it, `import deepspeed` 0.16.0 raises "0 active drivers" on a
+# machine without a GPU (measured), also with DS_ACCELERATOR=cpu. The CPU build of torch has no triton.
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  python -m pip uninstall -q -y triton || true
+fi
+export DS_ACCELERATOR=cpu MASTER_ADDR=127.0.0.1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 python -m pip check
 python - <<'PY'
 import deepspeed, matplotlib, numpy, pydantic, torch, typing_extensions  # noqa: F401
@@ -26,7 +32,6 @@ print("floors:", {p: version(p) for p in ("torch", "pydantic", "typing_extension
 PY
 python -m sharded_msam_sf.extension_lock
 cd "$root"
-export DS_ACCELERATOR=cpu MASTER_ADDR=127.0.0.1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 python -m pytest -q -p no:cacheprovider tests/test_oracles.py tests/test_modes.py tests/test_ddp.py \
   tests/test_fsdp2.py "tests/test_deepspeed_equivalence.py::test_fp32_masters_match_single_process" \
   "tests/test_train_run.py::test_default_config_end_to_end_beats_unigram" "$@"
