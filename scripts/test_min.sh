@@ -17,13 +17,13 @@ if [ ! -f "$venv/.smsf-min-installed" ]; then
   python -m pip install -q -c "$root/constraints-min.txt" -e "$root[test,deepspeed,train,tensorboard]"
   touch "$venv/.smsf-min-installed"
 fi
+python -m pip check  # before the triton removal below (torch's wheel requires it)
 # torch 2.6.0 from PyPI pulls triton 3.2.0; with it, `import deepspeed` 0.16.0 raises "0 active drivers" on a
 # machine without a GPU (measured), also with DS_ACCELERATOR=cpu. The CPU build of torch has no triton.
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   python -m pip uninstall -q -y triton || true
 fi
 export DS_ACCELERATOR=cpu MASTER_ADDR=127.0.0.1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-python -m pip check
 python - <<'PY'
 import deepspeed, matplotlib, numpy, pydantic, torch, typing_extensions  # noqa: F401
 from importlib.metadata import version
