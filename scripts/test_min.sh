@@ -15,9 +15,9 @@ export TORCH_EXTENSIONS_DIR="$venv/torch_extensions"  # this venv's own op build
 if [ ! -f "$venv/.smsf-min-installed" ]; then
   python -m pip install -q -c "$root/constraints-min.txt" torch==2.6.0
   python -m pip install -q -c "$root/constraints-min.txt" -e "$root[test,deepspeed,train,tensorboard]"
+  python -m pip check  # before the triton removal below (torch's wheel requires it)
   touch "$venv/.smsf-min-installed"
 fi
-python -m pip check  # before the triton removal below (torch's wheel requires it)
 # torch 2.6.0 from PyPI pulls triton 3.2.0; with it, `import deepspeed` 0.16.0 raises "0 active drivers" on a
 # machine without a GPU (measured), also with DS_ACCELERATOR=cpu. The CPU build of torch has no triton.
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
