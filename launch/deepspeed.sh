@@ -18,6 +18,9 @@
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"   # runs from a clone without pip install too
+PY="${PYTHON:-python}"
+# shellcheck source=launch/venv.sh
+. "$REPO/launch/venv.sh"
 NPROC="${NPROC:-2}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"

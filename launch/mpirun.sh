@@ -20,6 +20,9 @@
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"   # runs from a clone without pip install too
+PY="${PYTHON:-python}"
+# shellcheck source=launch/venv.sh
+. "$REPO/launch/venv.sh"
 NP="${NP:-2}"
 export MASTER_ADDR="${MASTER_ADDR-127.0.0.1}"
 [[ -z "$MASTER_ADDR" ]] && unset MASTER_ADDR
@@ -28,7 +31,6 @@ if [[ -z "${MODULE:-}" && -z "${SCRIPT:-}" && "$#" -eq 0 ]]; then
   set -- --config "$REPO/configs/job/default.json"
 fi
 MODULE="${MODULE:-sharded_msam_sf.train}"
-PY="${PYTHON:-python}"
 MPIEXEC="${MPIEXEC:-$(dirname "$(command -v "$PY")")/mpiexec}"
 [[ -x "$MPIEXEC" ]] || MPIEXEC=mpiexec
 if [[ -z "${DS_ACCELERATOR:-}" ]] && ! "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then

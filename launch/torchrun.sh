@@ -23,6 +23,9 @@
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"   # runs from a clone without pip install too
+PY="${PYTHON:-python}"
+# shellcheck source=launch/venv.sh
+. "$REPO/launch/venv.sh"
 
 NPROC=${NPROC:-2}
 NNODES=${NNODES:-1}

@@ -12,6 +12,12 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating $venv" >&2
   "$py" -m venv "$venv"
 fi
+# the venv's own torch extension cache (DeepSpeed's CPU ops, the fused optimizer kernel): venvs that share
+# ~/.cache/torch_extensions rebuild each other's ops, and a build killed there blocks all of them
+if ! grep -q "sharded_msam_sf: TORCH_EXTENSIONS_DIR" "$venv/bin/activate"; then
+  printf '\n# sharded_msam_sf: TORCH_EXTENSIONS_DIR of this venv (scripts/setup_env.sh)\nexport TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-%s/torch_extensions}"\n' \
+    "$(cd "$venv" && pwd)" >> "$venv/bin/activate"
+fi
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
 stamp="$venv/.smsf-installed"
@@ -21,7 +27,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   python -m pip install -q --upgrade pip
   # torch first: deepspeed's build imports it
   python -m pip install -q -c "$root/constraints.txt" "${SMSF_TORCH_SPEC:-torch==2.13.0}"
-  python -m pip install -q -c "$root/constraints.txt" -e "$root[test,deepspeed,mpi,train,bench,tensorboard,hf,lightning,peft]"
+  python -m pip install -q -c "$root/constraints.txt" -e "$root[test,deepspeed,mpi,train,bench,tensorboard,hf,lightning,peft,wandb,mlflow]"
   # torchtitan without its datasets pin (datasets<4.8 needs fsspec<=2026.2; its optimizer and checkpoint
   # components, which the tests use, need only these)
   python -m pip install -q -c "$root/constraints.txt" --no-deps torchtitan
@@ -30,6 +36,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 # DeepSpeed JIT-builds a small shm comm op on first use; two ranks building it at once can
 # abort, so build it here, once, before any multi-rank run.
+python -m sharded_msam_sf.extension_lock || exit 1  # a killed build's lock: every DeepSpeed start would hang
 if [ -z "${SMSF_SKIP_DS_BUILD:-}" ]; then
   DS_ACCELERATOR=cpu python - <<'PY' >&2
 import os, sys

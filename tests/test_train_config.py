@@ -135,6 +135,10 @@ def test_cli_config_error_exits_before_any_process_group(tmp_path):
     env = dict(os.environ, WORLD_SIZE="3", RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="9")
     proc = subprocess.run([sys.executable, "-m", "sharded_msam_sf.train", "--config", str(path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr == "", proc.stderr  # rank 1: the same exit, no second message
+    env["RANK"] = "0"
+    proc = subprocess.run([sys.executable, "-m", "sharded_msam_sf.train", "--config", str(path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "config error" in proc.stderr and "train.global_batch_size" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "sharded_msam_sf.train", "--config", str(path),
@@ -308,7 +312,8 @@ def test_cli_refuses_before_any_process_group(tmp_path, override, message):
     (tmp_path / "file").write_text("x")
     (tmp_path / "shared").mkdir(mode=0o777)
     os.chmod(tmp_path / "shared", 0o777)
-    env = dict(os.environ, WORLD_SIZE="2", RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="9")
+    # rank 0 of 2 (rank 1 exits the same way, silently: tests/test_install.py)
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="9")
     proc = subprocess.run([sys.executable, "-m", "sharded_msam_sf.train",
                            "--config", str(ROOT / "configs/job/ddp-cpu.json"), "--override", override.format(file=tmp_path / "file", shared=tmp_path / "shared")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

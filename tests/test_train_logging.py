@@ -121,35 +121,91 @@ def test_resume_purges_the_events_after_the_checkpoint(tmp_path):
     assert TensorBoard(False, tmp_path / "off", 0).writer is None and not (tmp_path / "off").exists()
 
 
-@pytest.mark.parametrize("config", ["configs/job/ddp-cpu.json", "configs/job/zero1-cpu.json"])
-def test_job_writes_the_scalars_to_tensorboard(tmp_path, config):
-    """One rank, 4 steps: every scalar per step, matching metrics.jsonl (under DeepSpeed read
-    through the facade from the plain optimizer's param groups)."""
-    out = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS"):
+TRACKERS = ["--override", "log.wandb=true", "--override", "log.wandb_mode=offline", "--override", "log.mlflow=true"]
+
+
+def _run_job(config: str, tmp: Path) -> dict:
+    """One rank, 4 steps, every scalar per step; the DDP run also writes offline W&B and local MLflow runs."""
+    out = tmp / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", WANDB_SILENT="true")
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS",
+                "MLFLOW_TRACKING_URI", "WANDB_MODE"):
         env.pop(var, None)
+    trackers = TRACKERS if "ddp" in config else []
     proc = subprocess.run([sys.executable, "-m", "sharded_msam_sf.train", "--config",
                            str(ROOT / config), "--override", f"log.out_dir={out}",
                            "--override", "train.max_steps=4", "--override", "eval.interval=2",
                            "--override", "log.interval=1", "--override", "log.progress=lines",
                            "--override", "log.tensorboard=true", "--override", "log.plot=false",
-                           "--override", "checkpoint.export=false"],
+                           "--override", "checkpoint.export=false", *trackers],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "step 4/4 | loss" in proc.stderr  # log.progress=lines
-    ev = _events(out)
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"out": out, "stderr": proc.stderr, "events": _events(out), "recs": recs}
+
+
+@pytest.fixture(scope="module")
+def job_runs(tmp_path_factory):
+    cache: dict = {}
+
+    def get(config: str) -> dict:
+        if config not in cache:
+            cache[config] = _run_job(config, tmp_path_factory.mktemp("job"))
+        return cache[config]
+    return get
+
+
+@pytest.mark.parametrize("config", ["configs/job/ddp-cpu.json", "configs/job/zero1-cpu.json"])
+def test_job_writes_the_scalars_to_tensorboard(job_runs, config):
+    """One rank, 4 steps: every scalar per step, matching metrics.jsonl (under DeepSpeed read
+    through the facade from the plain optimizer's param groups)."""
+    run = job_runs(config)
+    assert "step 4/4 | loss" in run["stderr"]  # log.progress=lines
+    assert "| grad norm " in run["stderr"] and "| peak MiB per rank " in run["stderr"]
+    ev, recs = run["events"], run["recs"]
     assert set(ev) == {"train/loss", "val/loss", "optimizer/lr", "optimizer/m_norm", "optimizer/ascent_scale",
-                       "optimizer/skipped_steps", "perf/tokens_per_s"}, set(ev)
+                       "optimizer/skipped_steps", "perf/tokens_per_s", "train/grad_norm",
+                       "memory/rank0_peak_mib"}, set(ev)
     for tag in set(ev) - {"val/loss"}:
         assert sorted(ev[tag]) == [1, 2, 3, 4], (tag, ev[tag])
-    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0] == {"step": 0, "config": load_config(ROOT / config, [
+        f"log.out_dir={run['out']}", "train.max_steps=4", "eval.interval=2", "log.interval=1", "log.progress=lines",
+        "log.tensorboard=true", "log.plot=false", "checkpoint.export=false",
+        *(TRACKERS[1::2] if "ddp" in config else [])], world_size=1).to_dict()}
     train = {r["step"]: r["train_loss"] for r in recs if "train_loss" in r}
     val = {r["step"]: r["val_loss"] for r in recs if "val_loss" in r}
+    norms = {r["step"]: r["grad_norm"] for r in recs if "train_loss" in r}
     assert ev["train/loss"] == pytest.approx(train, rel=1e-6)  # one rank, log.interval=1: the same losses
+    assert ev["train/grad_norm"] == pytest.approx(norms, rel=1e-6) and all(v > 0 for v in norms.values())
+    assert all(len(r["peak_mem_mib_per_rank"]) == 1 and r["peak_mem_mib_per_rank"][0] > 0
+               for r in recs if "train_loss" in r)
     assert ev["val/loss"] == pytest.approx(val, rel=1e-6) and sorted(val) == [2, 4]
     assert ev["optimizer/lr"] == pytest.approx({k: 0.003 * k / 20 for k in range(1, 5)})  # 20 warm-up steps
     for k in range(1, 5):
         assert ev["optimizer/m_norm"][k] > 0
         assert ev["optimizer/ascent_scale"][k] * ev["optimizer/m_norm"][k] == pytest.approx(-0.05, rel=1e-5)
         assert ev["optimizer/skipped_steps"][k] == 0 and ev["perf/tokens_per_s"][k] > 0
+
+
+def test_grad_norm_is_the_same_global_norm_under_ddp_and_deepspeed(job_runs):
+    """The two configs differ only in the engine: torch's clip_grad_norm_ (DDP) and DeepSpeed's
+    get_global_grad_norm() (ZeRO-1) report the same pre-clip norm of the same gradients, every step."""
+    ddp = job_runs("configs/job/ddp-cpu.json")["events"]["train/grad_norm"]
+    zero = job_runs("configs/job/zero1-cpu.json")["events"]["train/grad_norm"]
+    assert ddp == pytest.approx(zero, rel=1e-4) and sorted(ddp) == [1, 2, 3, 4]
+
+
+def test_wandb_offline_and_mlflow_local_runs_hold_the_config_and_scalars(job_runs, monkeypatch):
+    run = job_runs("configs/job/ddp-cpu.json")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    out = run["out"]
+    offline = list((out / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("run-*.wandb")), list((out / "wandb").iterdir())
+    import mlflow
+    mlflow.set_tracking_uri((out / "mlruns").resolve().as_uri())
+    (r,) = mlflow.search_runs(experiment_names=["sharded-msam-sf"], output_format="list")
+    assert r.data.params["engine.name"] == "ddp" and r.data.params["optimizer.params.rho"] == "0.05"
+    history = mlflow.MlflowClient().get_metric_history(r.info.run_id, "train_grad_norm")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    assert {m.step: m.value for m in history} == pytest.approx(run["events"]["train/grad_norm"], rel=1e-6)
+    assert r.data.metrics["final_val_loss"] == pytest.approx(run["recs"][-1]["summary"]["val_loss"])

@@ -228,6 +228,15 @@ class LogConfig(_Section):
     """loss.png at the end (needs matplotlib)"""
     tensorboard: Optional[bool] = Field(None, validate_default=True)
     """TensorBoard event files in out_dir/tensorboard; null: on when the tensorboard package is installed"""
+    wandb: bool = False
+    """a Weights & Biases run beside TensorBoard (pip install 'sharded_msam_sf[wandb]'; files in out_dir/wandb)"""
+    wandb_mode: Optional[Literal["online", "offline", "disabled"]] = None
+    """W&B's mode; null: WANDB_MODE, else online (offline: written to disk only, `wandb sync` uploads it)"""
+    mlflow: bool = False
+    """an MLflow run beside TensorBoard (pip install 'sharded_msam_sf[mlflow]'; MLFLOW_TRACKING_URI, else a
+    local store in out_dir/mlruns)"""
+    project: str = "sharded-msam-sf"
+    """the W&B project and the MLflow experiment"""
 
     @field_validator("out_dir")
     @classmethod

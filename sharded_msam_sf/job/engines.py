@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,12 +141,18 @@ class _TorchEngine(_MicroBatches, abc.ABC):
             (loss / self.accum).backward()
         return loss.detach()
 
-    def clip(self) -> None:
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+    grad_norm: float | None = None
+    """the global L2 norm of the last step's gradients (before clipping), over every rank that holds part of
+    the model, each element once (the ranks of the optimizer's ||m||)"""
+
+    def clip(self, max_norm: float) -> torch.Tensor:
+        """Clip to ``max_norm`` (inf: measure only); returns the global norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
     def step(self) -> None:
-        if self.cfg.train.grad_clip > 0:
-            self.clip()
+        clip = self.cfg.train.grad_clip
+        norm = self.clip(clip if clip > 0 else math.inf)
+        self.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -228,11 +235,11 @@ class FSDP2Engine(_TorchEngine):
         self.model.set_requires_gradient_sync(last_micro)
         return contextlib.nullcontext()
 
-    def clip(self):
+    def clip(self, max_norm):
         if self.env.mesh is None:
-            return super().clip()
+            return super().clip(max_norm)
         from .tensor_parallel import clip_grad_norm_  # params on two meshes: torch's cannot stack their norms
-        clip_grad_norm_(self.model.parameters(), self.optimizer.backend, self.cfg.train.grad_clip)
+        return clip_grad_norm_(self.model.parameters(), self.optimizer.backend, max_norm)
 
 
 class FSDP2PipelineEngine(FSDP2Engine):
@@ -324,8 +331,8 @@ class FSDP1Engine(_TorchEngine):
     def sync_context(self, last_micro):
         return contextlib.nullcontext() if last_micro else self.model.no_sync()
 
-    def clip(self):
-        self.model.clip_grad_norm_(self.cfg.train.grad_clip)
+    def clip(self, max_norm):
+        return self.model.clip_grad_norm_(max_norm)
 
 
 def deepspeed_config(cfg: JobConfig) -> dict:
@@ -373,8 +380,14 @@ class DeepSpeedEngine(_MicroBatches):
             self.model.step()  # DeepSpeed counts micro-steps; it only updates at the boundary
         return loss.detach().float()
 
+    grad_norm: float | None = None
+    """DeepSpeed's global gradient norm of the last step (engine.get_global_grad_norm(), over the data- and
+    model-parallel ranks, before clipping)"""
+
     def step(self) -> None:
         self.model.step()
+        norm = self.model.get_global_grad_norm()
+        self.grad_norm = None if norm is None else float(norm)
 
     def set_train(self, train: bool) -> None:
         self.model.train(train)

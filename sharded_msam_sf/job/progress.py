@@ -24,7 +24,8 @@ def peak_memory_mib(device: torch.device) -> float:
 
 class Progress:
     """log.progress: "bar" (a tqdm bar, moved every step), "lines" (one line per log.interval, for logs:
-    ``step 10/200 | loss 2.9012 | 1,234 tok/s | elapsed 00:07 | ETA 02:13``), "none", or "auto" (a bar
+    ``step 10/200 | loss 2.9012 | grad norm 0.513 | peak MiB per rank 409/406 | 1,234 tok/s | elapsed 00:07 |
+    ETA 02:13``), "none", or "auto" (a bar
     on a TTY, lines otherwise). Messages go above the bar. Disabled (enabled=False) on ranks > 0."""
 
     def __init__(self, enabled: bool, out_dir: Path, mode: str, start_step: int, max_steps: int,
@@ -77,7 +78,9 @@ class Progress:
     def tokens_per_s(self) -> float:
         return self.steps_timed * self.tokens_per_step / self.train_time if self.train_time else 0.0
 
-    def update(self, step: int, loss: float) -> None:
+    def update(self, step: int, loss: float, grad_norm: float | None = None, mem: list | None = None) -> None:
+        """The bar's postfix or one line: loss, the global gradient norm and every rank's peak memory (MiB) when
+        given (``step 10/200 | loss 2.9012 | grad norm 0.513 | peak MiB per rank 409/406 | 1,234 tok/s | ...``)."""
         if not self.enabled or self.mode == "none":
             return
         if self.mode == "bar":
@@ -88,7 +91,9 @@ class Progress:
             self.bar.update(step - self.bar.n)
             return
         eta = self.train_time / max(self.steps_timed, 1) * (self.max_steps - step)
-        self.stream.write(f"step {step}/{self.max_steps} | loss {loss:.4f} | {self.tokens_per_s():,.0f} tok/s | "
+        extra = "" if grad_norm is None else f" | grad norm {grad_norm:.3g}"
+        extra += "" if mem is None else f" | peak MiB per rank {'/'.join(f'{m:.0f}' for m in mem)}"
+        self.stream.write(f"step {step}/{self.max_steps} | loss {loss:.4f}{extra} | {self.tokens_per_s():,.0f} tok/s | "
                           f"elapsed {tqdm.format_interval(self.train_time)} | ETA {tqdm.format_interval(eta)}\n")
         self.stream.flush()
 
@@ -106,7 +111,9 @@ class Progress:
 class TensorBoard:
     """Per-step scalars in out_dir/tensorboard (rank 0, log.tensorboard), via torch.utils.tensorboard:
     train/loss, val/loss, optimizer/lr (γ_t after warm-up), optimizer/m_norm (‖m‖), optimizer/ascent_scale
-    (s, the ascent is y + s·m), optimizer/skipped_steps (cumulative) and perf/tokens_per_s.
+    (s, the ascent is y + s·m), optimizer/skipped_steps (cumulative), train/grad_norm (the global gradient norm
+    before clipping), perf/tokens_per_s, memory/rank{r}_peak_mib (every log.interval), the config as text at step
+    0 and, at the end, as hparams with the final numbers (out_dir/tensorboard/hparams).
     A resumed run purges the events after its checkpoint's step."""
 
     def __init__(self, enabled: bool, out_dir: Path, start_step: int):

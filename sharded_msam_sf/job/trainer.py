@@ -13,6 +13,7 @@ from .checkpoint import (Checkpointer, StopSignal, acquire_run_lock, check_confi
                          export_weights, plan_resume, record_run_id)
 from .config import JobConfig
 from .data import Batches, Corpus
+from .loggers import Writers
 from .progress import Progress, TensorBoard, optimizer_scalars, peak_memory_mib, plot_losses
 from .universal import check_convert_allowed, needs_universal, prepare_universal
 
@@ -127,6 +128,7 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
     aside = progress.truncate_metrics(step, fresh=resume_from is None)
     if aside is not None:
         notes.append(f"the earlier metrics.jsonl of {out_dir} is kept as {aside.name} (a new run starts its own)")
+    progress.record(step=step, config=cfg.to_dict())  # the run's hyperparameters, first in its records
     for note in notes:
         progress.message(note)
     if resume_from is not None:
@@ -145,7 +147,25 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
     if dry_run:
         return {"step": step, "dry_run": True}
 
-    board = TensorBoard(rank0 and cfg.log.tensorboard, out_dir, step)
+    board = Writers(TensorBoard(rank0 and cfg.log.tensorboard, out_dir, step), cfg, out_dir, rank0)
+    try:
+        return _loop(cfg, env, engine, batches, progress, board, ckpt, plan, state, step, resume_from,
+                     baseline, counted, two_pass, tokens_per_step, out_dir, rank0)
+    finally:
+        board.close()
+
+
+def memory_per_rank(env) -> list:
+    """Every rank's peak memory (MiB: GPU allocated on CUDA, RSS on CPU), one all-reduce; collective."""
+    t = torch.zeros(env.world_size, dtype=torch.float64, device=env.device)
+    t[env.rank] = peak_memory_mib(env.device)
+    dist.all_reduce(t)
+    return [round(v, 1) for v in t.tolist()]
+
+
+def _loop(cfg, env, engine, batches, progress, board, ckpt, plan, state, step, resume_from, baseline, counted,
+          two_pass, tokens_per_step, out_dir, rank0) -> dict:
+    opt = engine.optimizer
     stop = StopSignal()
     val_loss, train_loss = state.get("val_loss"), state.get("train_loss", math.nan)
     # [sum of losses, count] since the last log record; kept in checkpoints so a resumed log matches
@@ -200,7 +220,8 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
                 if two_pass:
                     now.update({k: ascent[k] for k in ("optimizer/m_norm", "optimizer/ascent_scale")})
                 board.scalars(step, {"train/loss": (flags[0] / flags[1]).item(), "perf/tokens_per_s":
-                                     tokens_per_step / step_time, "optimizer/skipped_steps": skipped_now, **now})
+                                     tokens_per_step / step_time, "optimizer/skipped_steps": skipped_now,
+                                     "train/grad_norm": engine.grad_norm, **now})
 
             last = step == cfg.train.max_steps
             logged = step % cfg.log.interval == 0 or last
@@ -209,9 +230,12 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
             if logged:
                 train_loss = (window[0] / window[1]).item()  # mean over ranks and steps
                 window.zero_()
+                mem = memory_per_rank(env)
                 progress.record(step=step, train_loss=train_loss, tokens=step * tokens_per_step,
-                                tokens_per_s=progress.tokens_per_s())
-                progress.update(step, train_loss)
+                                tokens_per_s=progress.tokens_per_s(), grad_norm=engine.grad_norm,
+                                peak_mem_mib_per_rank=mem)
+                board.scalars(step, {f"memory/rank{r}_peak_mib": m for r, m in enumerate(mem)})
+                progress.update(step, train_loss, grad_norm=engine.grad_norm, mem=mem)
             if (cfg.eval.interval and step % cfg.eval.interval == 0) or last:
                 val_loss = evaluate(engine, batches, env.device, counted, cfg.eval.recalibrate_bn, step)
                 progress.record(step=step, val_loss=val_loss)
@@ -231,7 +255,7 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
                 raise Interrupted(signum, step)
     finally:
         stop.restore()
-        board.close()
+        board.flush()
         progress.close()  # the bar; messages below print as lines
 
     ran, skipped = step - start_step, getattr(opt, "skipped_steps", 0) - skipped_at_start
@@ -253,6 +277,7 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
     dist.all_gather_object(peaks, round(peak_memory_mib(env.device), 1))
     summary = {"final_step": step, "train_loss": train_loss, "val_loss": val_loss, "unigram_baseline": baseline,
                "tokens_per_s": progress.tokens_per_s(), "peak_mem_mib_per_rank": peaks}
+    board.hparams(cfg.to_dict(), summary)
     if rank0:
         progress.record(step=step, summary=summary)
         png = plot_losses(progress.metrics_path, out_dir / "loss.png", baseline) if cfg.log.plot else None
