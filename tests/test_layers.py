@@ -18,6 +18,7 @@ LAYERS = [
     (2, ("optimizer",)),                                                                # the optimizer
     (3, ("deepspeed", "deepspeed_config", "analysis")),                                # engine glue, analysis
     (4, ("integrations",)),                                                             # HF, Lightning
+    (4, ("simulate",)),                                     # one rank of N on a fake process group (issue 22)
     (5, ("job", "train")),                                                              # the main job
     (6, ("export", "checkpoint")),                        # offline tools that read the job's checkpoints
     (7, ("",)),                                                                         # the package root
