@@ -80,6 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", nargs="?", const="must", metavar="PATH",
                    help="resume from the latest checkpoint in out_dir (error if none) or from PATH")
     p.add_argument("--dry-run", action="store_true", help="validate the config, build everything, exit")
+    p.add_argument("--simulate-world", type=int, default=None, metavar="N",
+                   help="with --dry-run: one rank of an N-rank run of this config on a fake process group "
+                        "(state bytes, the optimizer's collectives, memory vs AdamW; sharded_msam_sf.simulate)")
+    p.add_argument("--simulate-rank", type=int, default=0, metavar="R", help="the rank --simulate-world reports")
     p.add_argument("--print-schema", action="store_true",
                    help="write the config's JSON Schema to stdout and exit (docs/job-config.schema.json)")
     return p.parse_args(argv)
@@ -95,8 +99,14 @@ def main(argv=None) -> int:
         return 0
     overrides = list(args.override) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     try:  # every config error surfaces here, before any process group starts
-        cfg = load_config(args.config or default_config_path(), overrides, data_path=args.data)
-    except ConfigError as e:
+        cfg = load_config(args.config or default_config_path(), overrides, data_path=args.data,
+                          world_size=args.simulate_world)
+        if args.simulate_world is not None:  # a report, in this process: no rank, no run directory
+            if not args.dry_run:
+                raise ConfigError("--simulate-world needs --dry-run")
+            from .job.simulate import simulate_job
+            return simulate_job(cfg, args.simulate_world, args.simulate_rank)
+    except (ConfigError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 

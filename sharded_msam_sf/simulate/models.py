@@ -73,8 +73,8 @@ def build_meta_model(cfg: Dict[str, Any], device: str = "meta") -> torch.nn.Modu
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The model's list of decoder blocks (``model.model.layers`` for Llama-like models)."""
-    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.blocks"):
+    """The model's list of decoder blocks (``model.model.layers`` for Llama-like models, ``blocks`` for the job's GPT)."""
+    for path in ("model.layers", "blocks", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.blocks"):
         obj = model
         for part in path.split("."):
             obj = getattr(obj, part, None)

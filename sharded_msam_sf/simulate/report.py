@@ -57,6 +57,10 @@ def table(r: Dict[str, Any], out: TextIO) -> None:
                       else f"not checked: {nc.get('reason')}")))
     if "shape_rule_matches" in r:
         rows.append(("DTensor = shape rule", "yes" if r["shape_rule_matches"] else "NO"))
+    if "estimate_matches_run" in r:
+        same = r["estimate_matches_run"]
+        rows.append(("estimate = DeepSpeed run", "yes" if all(same.values()) else
+                     "NO: " + ", ".join(k for k, v in same.items() if not v)))
     if mem:
         rows.append(("memory (ours)", f"{human(mem['peak_bytes'])}"
                      + (f" (device {human(mem['device_bytes'])}, host {human(mem['host_bytes'])})"

@@ -103,22 +103,28 @@ def counted_once(params: Sequence[Tensor], backend, pipeline_dim: str = "pp") ->
     with real_mode():
         group = backend.reduction.group
         ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-        root = root_mesh(params[0].device_mesh)
-        names = list(root.mesh_dim_names or ())
-        me = _root_coord(root, dist.get_rank())
-        stage_dim = names.index(pipeline_dim) if pipeline_dim in names else None
-        coords = [_root_coord(root, r) for r in ranks]
-        if stage_dim is not None:
-            coords = [c for c in coords if c[stage_dim] == me[stage_dim]]
+        dts = [p for p in params if hasattr(p, "device_mesh")]
         counted = Fraction(0)
-        for p in params:
-            sub = list(p.device_mesh.mesh_dim_names or ())
-            if any(n not in names for n in sub):
-                return {"checked": False, "reason": f"a parameter lives on a flattened mesh {sub}"}
-            idx = [names.index(n) for n in sub]
-            replicas = backend.share(p).replicas  # (uniform: the reduction's one count; weighted: p's own)
-            held = sum(local_numel(p, [c[i] for i in idx]) for c in coords)
-            counted += Fraction(held, replicas)
+        if not dts:  # plain tensors (DDP): every rank of the group holds every element
+            coords = ranks
+            for p in params:
+                counted += Fraction(p.numel() * len(ranks), backend.share(p).replicas)
+        else:
+            root = root_mesh(dts[0].device_mesh)
+            names = list(root.mesh_dim_names or ())
+            me = _root_coord(root, dist.get_rank())
+            stage_dim = names.index(pipeline_dim) if pipeline_dim in names else None
+            coords = [_root_coord(root, r) for r in ranks]
+            if stage_dim is not None:
+                coords = [c for c in coords if c[stage_dim] == me[stage_dim]]
+            for p in params:
+                sub = list(p.device_mesh.mesh_dim_names or ())
+                if any(n not in names for n in sub):
+                    return {"checked": False, "reason": f"a parameter lives on a flattened mesh {sub}"}
+                idx = [names.index(n) for n in sub]
+                replicas = backend.share(p).replicas  # (uniform: the reduction's one count; weighted: p's own)
+                held = sum(local_numel(p, [c[i] for i in idx]) for c in coords)
+                counted += Fraction(held, replicas)
         total = sum(p.numel() for p in params)
     return {"checked": True, "ranks": len(coords), "elements_counted": float(counted),
             "param_elements": total, "each_element_once": counted == total}

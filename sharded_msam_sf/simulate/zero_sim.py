@@ -16,10 +16,14 @@ NOTE = ("DeepSpeed's own estimators assume Adam's 8 B/param and, on a meta model
 
 
 def simulate_zero(cfg: Dict[str, Any], stage: int, n: int, rank: int, *, sam_mode: str = "one_pass",
-                  offload: bool = False, deepspeed_run: bool = False, bf16: bool = True) -> Dict[str, Any]:
+                  offload: bool = False, deepspeed_run: bool = False, bf16: bool = True,
+                  model=None) -> Dict[str, Any]:
+    """The estimate for rank ``rank`` of ``n`` (``model``: a meta model given, else ``cfg``'s)."""
     if not 0 <= rank < n:
         raise ValueError(f"--rank {rank} is not in [0, {n})")
-    model = models.build_meta_model(cfg)
+    if deepspeed_run and model is not None:
+        raise ValueError("the DeepSpeed run builds the HF model of cfg; not with a model given")
+    model = models.build_meta_model(cfg) if model is None else model
     numels = [p.numel() for p in model.parameters() if p.requires_grad]
     est = zero_estimate(numels, n, stage, bit16=bf16, offload_optimizer=offload)
     evaluations = 2 if sam_mode == "two_pass" else 1
