@@ -57,18 +57,21 @@ def _zero_grads(params) -> None:
         p.grad = torch.zeros_like(p)
 
 
-def measure_optimizer(model: torch.nn.Module, *, sam_mode: str = "one_pass", opt_kwargs=None) -> Dict[str, Any]:
-    """Build the optimizer on ``model``'s params, run one step, and report (see the module docstring)."""
+def measure_optimizer(model: torch.nn.Module, *, sam_mode: str = "one_pass", opt_kwargs=None,
+                      backward=None) -> Dict[str, Any]:
+    """Build the optimizer on ``model``'s params, run one step, and report (see the module docstring).
+    ``backward()``: computes the gradients (a real rank's forward and backward) in place of zeros."""
     params = [p for p in model.parameters() if p.requires_grad]
+    set_grads = backward if backward is not None else (lambda: _zero_grads(params))
     with allow_meta_params():
         opt = AdamWMSAMScheduleFree(params, sam_mode=sam_mode, **(opt_kwargs or {}))
         backend = opt.backend
         opt.train()
-        _zero_grads(params)
+        set_grads()
         with CommCounter() as cc:
             if sam_mode == "two_pass":
                 opt.move_to_ascent()
-                _zero_grads(params)
+                set_grads()
                 opt.move_from_ascent()
             opt.step()
         with CommCounter() as cc_modes:

@@ -138,4 +138,18 @@ def simulate_deepspeed(cfg: Dict[str, Any], stage: int, n: int, rank: int, *, sa
             "state_device": str(first.device) if first is not None else None,
         }
     finally:
+        _forget_deepspeed_groups()
         world.destroy()
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches its process groups in ``deepspeed.utils.groups``; the fake group they belong to is
+    destroyed after each simulation, so the cache is emptied (a next run in this process builds new ones)."""
+    from deepspeed.utils import groups
+    for name, value in list(vars(groups).items()):
+        if not name.startswith("_") or name.startswith("__") or name == "_DEVICE_MESH_SPLIT_UNSUPPORTED":
+            continue
+        if isinstance(value, dict):
+            value.clear()
+        elif not callable(value) and not isinstance(value, type(groups)):
+            setattr(groups, name, None)
