@@ -13,7 +13,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 
 from sharded_msam_sf.backends import is_dtensor  # noqa: E402
-from sharded_msam_sf.local_ranks import run_ranks as _run_ranks  # noqa: E402
+from sharded_msam_sf.testing.local_ranks import run_ranks as _run_ranks  # noqa: E402
 
 BATCH = 4  # per rank
 

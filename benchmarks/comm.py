@@ -3,7 +3,7 @@
     python benchmarks/comm.py                         # world 2; ddp, zero1/2/3, fsdp2
     python benchmarks/comm.py --world 4 --engines zero3,fsdp2
 
-Counts with :class:`sharded_msam_sf.comm_count.CommCounter` (wraps the torch.distributed
+Counts with :class:`sharded_msam_sf.testing.comm_count.CommCounter` (wraps the torch.distributed
 collectives and DeepSpeed's cached references), per rank, forward+backward and the
 optimizer step apart, averaged over the steps after the first. Expected: a one_pass step
 of ours adds exactly one all-reduce of ``(groups + 1)`` float64 scalars (the sums of
@@ -24,7 +24,7 @@ import _engines as E  # noqa: E402
 
 
 def _ranks(rank, world, engines, opts, width, layers, steps):
-    from sharded_msam_sf.comm_count import CommCounter
+    from sharded_msam_sf.testing.comm_count import CommCounter
     out = {}
     for engine in engines:
         for opt in opts:

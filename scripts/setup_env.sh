@@ -21,7 +21,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   python -m pip install -q --upgrade pip
   # torch first: deepspeed's build imports it
   python -m pip install -q -c "$root/constraints.txt" "${SMSF_TORCH_SPEC:-torch==2.13.0}"
-  python -m pip install -q -c "$root/constraints.txt" -e "$root[test,deepspeed,mpi,train,bench,tensorboard,hf,lightning]"
+  python -m pip install -q -c "$root/constraints.txt" -e "$root[test,deepspeed,mpi,train,bench,tensorboard,hf,lightning,peft]"
+  # torchtitan without its datasets pin (datasets<4.8 needs fsspec<=2026.2; its optimizer and checkpoint
+  # components, which the tests use, need only these)
+  python -m pip install -q -c "$root/constraints.txt" --no-deps torchtitan
+  python -m pip install -q -c "$root/constraints.txt" tyro spmd_types torch_checkpointing torchdata
   echo "$want" > "$stamp"
 fi
 # DeepSpeed JIT-builds a small shm comm op on first use; two ranks building it at once can

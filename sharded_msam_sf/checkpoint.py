@@ -11,7 +11,7 @@ converter, unchanged, does all the slicing and merging (ZeRO-1/2 and ZeRO-3 sour
 
 Sources: ZeRO-1/2/3 checkpoints of any world size, fp32 or bf16 (the fp32 masters are converted).
 Targets: ZeRO-1/2/3 at any world size, loaded with
-:func:`sharded_msam_sf.backends.zero_universal.load_universal` (the main job does this itself when
+:func:`sharded_msam_sf.deepspeed.universal.load_universal` (the main job does this itself when
 it resumes a DeepSpeed checkpoint on another world size or ZeRO stage). ZeRO-1/2 engines may also use
 DeepSpeed's own ``"checkpoint": {"load_universal": true}``. DeepSpeed's own ZeRO-3 universal loader
 would drop z and the counters of all groups but the first (see ``zero_universal``): the output is
@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
+import pickle
 import shutil
 import sys
 import uuid
@@ -34,18 +36,37 @@ from typing import List, Optional
 import torch
 
 from .export import ExportError, _ds_files, _natural, load_file, resolve, verify_manifest
+from .safe_load import UnsafeCheckpoint, weights_only_torch_load
+from .output_dir import OutputDirError, check_output, interruptible, write_marker
 from .weights_io import replace_dir
 
 __all__ = ["to_universal", "main"]
 
 
+def _weights_only_in_worker() -> None:
+    weights_only_torch_load().__enter__()  # the worker process ends with the conversion
+
+
 def _converter(src: Path, out: Path, workers: int) -> None:
+    """DeepSpeed's converter, with every ``torch.load`` it makes (``weights_only=False`` in DeepSpeed) made
+    ``weights_only=True`` (:func:`sharded_msam_sf.safe_load.weights_only_torch_load`), in its worker
+    processes too: a planted pickle fails the conversion instead of running."""
     from deepspeed.checkpoint import ds_to_universal as conv
     args = argparse.Namespace(input_folder=str(src), output_folder=str(out), num_extract_workers=workers,
                               num_merge_workers=workers, keep_temp_folder=False, strict=True,
                               inject_missing_state=True)  # universal_checkpoint_info: Megatron's, absent here
-    with contextlib.redirect_stdout(sys.stderr):
-        conv.main(args)
+    pool = conv.ProcessPoolExecutor
+    conv.ProcessPoolExecutor = functools.partial(pool, initializer=_weights_only_in_worker)
+    try:
+        with contextlib.redirect_stdout(sys.stderr), weights_only_torch_load():
+            conv.main(args)
+    except UnsafeCheckpoint as e:
+        raise ExportError(f"{src}: {e}") from e
+    except pickle.UnpicklingError as e:
+        raise ExportError(f"{src}: a file does not load with torch.load(weights_only=True) ({str(e)[:300]}): it "
+                          "holds code or is corrupt; nothing was run") from e
+    finally:
+        conv.ProcessPoolExecutor = pool
 
 
 def _stage_z(ckpt: Path, optim: List[Path], stage_dir: Path) -> None:
@@ -93,7 +114,7 @@ def _fence_deepspeed_zero3_loader(out: Path) -> None:
         _shape_zero3_files(out, load_file(zero3[0])["param_shapes"])
         os.replace(zero3[0], out / "mp_rank_00_model_states.pt")
     f = out / "zero" / "optimizer_state.pt"
-    sd = torch.load(f, map_location="cpu", weights_only=False)  # written just now by DeepSpeed's converter
+    sd = load_file(f)  # written just now by DeepSpeed's converter
     if isinstance(sd, dict) and ("optimizer_state_dict" in sd or "fp32_flat_groups" in sd):
         sd.pop("optimizer_state_dict", None)
         sd.pop("fp32_flat_groups", None)
@@ -106,11 +127,13 @@ def _fence_deepspeed_zero3_loader(out: Path) -> None:
 
 def to_universal(ckpt: os.PathLike | str, out: os.PathLike | str, workers: int = 1) -> Path:
     """Convert a DeepSpeed ZeRO-1/2/3 checkpoint (any world size) into DeepSpeed's universal format with ``z``
-    (see the module docstring); ``out`` is written under a temporary name and renamed at the end."""
+    (see the module docstring); ``out`` is written under a temporary name and renamed at the end. ``out`` must
+    be a new directory or an earlier output of this tool (:mod:`sharded_msam_sf.output_dir`), and not the
+    checkpoint or around it."""
     path = resolve(Path(ckpt))
+    out = check_output(out, (Path(ckpt), path), "to-universal")
     verify_manifest(path)
     optim, _ = _ds_files(path)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.with_name(f".tmp-{out.name}-{uuid.uuid4().hex[:8]}")
     work.mkdir()
@@ -131,6 +154,7 @@ def to_universal(ckpt: os.PathLike | str, out: os.PathLike | str, workers: int =
         if not moved:
             raise ExportError(f"{path}: DeepSpeed's converter wrote no optimizer state: saved without it?")
         _fence_deepspeed_zero3_loader(main_out)
+        write_marker(main_out, "sharded_msam_sf to-universal")
         replace_dir(main_out, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -144,11 +168,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     u.add_argument("ckpt")
     u.add_argument("out")
     u.add_argument("--workers", type=int, default=1)
+    from .convert import add_subcommand
+    add_subcommand(sub, to_universal)  # convert: portable checkpoints (sharded_msam_sf.convert)
+    from . import checkpoint_seal  # `seal`: checkpoints of earlier releases (its own module)
+    checkpoint_seal.add_parser(sub)
     args = ap.parse_args(argv)
+    if getattr(args, "run", None) is not None:
+        return args.run(args)
+    if args.command == "seal":
+        return checkpoint_seal.run(args)
     try:
-        out = to_universal(args.ckpt, args.out, args.workers)
-    except ExportError as e:
+        with interruptible():  # SIGTERM removes the temporary directories too
+            out = to_universal(args.ckpt, args.out, args.workers)
+    except (ExportError, OutputDirError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError) as e:
+        from .job.checkpoint import is_full_disk
+        if not is_full_disk(e):
+            raise
+        print(f"error: no space left on device: {Path(args.out).resolve().parent} (writing the universal checkpoint "
+              f"{args.out}; {type(e).__name__}: {str(e)[:200]}); nothing was written there. Free space and run "
+              "it again", file=sys.stderr)
         return 1
     print(f"universal checkpoint: {out}")
     return 0

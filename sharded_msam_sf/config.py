@@ -59,7 +59,7 @@ assert tuple(OPTIMIZER_PARAMS) == tuple(H.DEFAULTS), "config.OPTIMIZER_PARAMS mu
 # groups (read by sharded_msam_sf.deepspeed; every other user of the section refuses them when set)
 GROUPING_PARAMS: Dict[str, str] = {
     "no_decay_bias_and_norm": "true or false; default false. true: two param groups as the HF Trainer makes them "
-                              "(sharded_msam_sf.decay_groups): weight_decay on every parameter but biases and "
+                              "(sharded_msam_sf.deepspeed.decay_groups): weight_decay on every parameter but biases and "
                               "normalisation weights, which get 0. Only the DeepSpeed routes (initialize, "
                               "register()) read it",
 }

@@ -21,8 +21,10 @@ Reads, on one CPU process, without a process group and without the model's code:
   DDP ``state.pt``).
 
 Peak memory: one full copy of the weights (the x being built) plus one shard (DeepSpeed: one rank's
-optimizer file, memory-mapped; DCP: one param's y, z, m). Files we unpickle are read with
-``torch.load(weights_only=True)`` (DeepSpeed's few classes allow-listed); a checkpoint of the main job
+optimizer file, memory-mapped; DCP: one param's y, z, m). Nothing in a checkpoint can run code, manifest or
+not (:mod:`sharded_msam_sf.safe_load`): torch files are read with ``torch.load(weights_only=True)`` (DeepSpeed's
+few classes allow-listed), DCP's ``.metadata`` with an unpickler that admits only torch's DCP metadata classes,
+and DCP's non-tensor items with ``weights_only=True``; a checkpoint of the main job
 (``manifest.json``) is verified against its SHA-256 manifest before anything is read. The output is a
 ``sharded_msam_sf.weights_io`` export directory (``model.safetensors``, ``export.json``, and the HF
 ``config.json`` when one was saved with the checkpoint), written atomically.
@@ -40,8 +42,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .backends.zero_universal import deepspeed_safe_globals
+from .deepspeed.universal import deepspeed_safe_globals
 from .kernels import eager
+from .output_dir import OutputDirError, check_output, interruptible
 from .weights_io import HF_CONFIG_FILE, save_weights
 
 __all__ = ["ExportError", "x_from", "read_x", "export", "main"]
@@ -120,19 +123,44 @@ def resolve(ckpt: Path) -> Path:
     return ckpt
 
 
+def found(ckpt: Path) -> str:
+    """What ``ckpt`` is, in words (for errors that say what was found instead of what was wanted)."""
+    if not ckpt.exists():
+        return "nothing: the path does not exist"
+    if ckpt.is_file():
+        return f"a file ({ckpt.stat().st_size} bytes)"
+    if (ckpt / "zero").is_dir() and any((ckpt / "zero").glob("*/fp32.pt")):
+        return ("a DeepSpeed universal checkpoint (written by to-universal or ds_to_universal.py); it is an output "
+                "of the conversion, not an input: use the checkpoint it was converted from")
+    if any(ckpt.glob("*_optim_states.pt")) or any(ckpt.glob("*model_states.pt")):
+        return "a DeepSpeed ZeRO checkpoint"
+    if (ckpt / ".metadata").is_file():
+        return ("a DCP checkpoint (the job's FSDP1/FSDP2 engines); the job resumes it at any world size itself, "
+                "and `python -m sharded_msam_sf.export` reads it")
+    if (ckpt / "state.pt").is_file():
+        return ("a DDP / single-process checkpoint (state.pt); it is not partitioned, so it resumes at any world "
+                "size, and `python -m sharded_msam_sf.export` reads it")
+    if any(ckpt.glob("step_*")) or any(ckpt.glob("global_step*")):
+        return "a directory of checkpoints without a `latest` file: name one of its step directories"
+    names = sorted(p.name for p in ckpt.iterdir())[:6]
+    return f"a directory holding {names or 'nothing'}"
+
+
 def kind_of(ckpt: Path) -> str:
     if ckpt.is_file():
         return "torch"
     if not ckpt.is_dir():
         raise ExportError(f"checkpoint not found: {ckpt}")
+    if (ckpt / "zero").is_dir() and any((ckpt / "zero").glob("*/fp32.pt")):
+        raise ExportError(f"{ckpt} is {found(ckpt)}")
     if any(ckpt.glob("*_optim_states.pt")) or any(ckpt.glob("*model_states.pt")):
         return "deepspeed"
     if (ckpt / ".metadata").is_file():
         return "dcp"
     if (ckpt / "state.pt").is_file():
         return "torch"
-    raise ExportError(f"{ckpt} is not a checkpoint this tool reads: no DeepSpeed '*_optim_states.pt', no DCP "
-                      "'.metadata', no 'state.pt'")
+    raise ExportError(f"{ckpt} is not a checkpoint this tool reads (no DeepSpeed '*_optim_states.pt', no DCP "
+                      f"'.metadata', no 'state.pt'): found {found(ckpt)}")
 
 
 def verify_manifest(ckpt: Path) -> Optional[dict]:
@@ -151,6 +179,9 @@ def verify_manifest(ckpt: Path) -> Optional[dict]:
 def _ds_files(ckpt: Path) -> Tuple[List[Path], List[Path]]:
     optim = sorted(ckpt.glob("*_optim_states.pt"), key=_natural)
     model = sorted(ckpt.glob("*_model_states.pt"), key=_natural)
+    what = found(ckpt)
+    if not optim and not what.startswith("a DeepSpeed ZeRO"):
+        raise ExportError(f"{ckpt} is not a DeepSpeed ZeRO checkpoint (no '*_optim_states.pt'): found {what}")
     if not optim:
         raise ExportError(f"{ckpt} holds no '*_optim_states.pt': a DeepSpeed checkpoint saved without its optimizer "
                           "state has no z, so x cannot be computed")
@@ -255,13 +286,15 @@ def read_deepspeed(ckpt: Path, meta: dict, quiet: bool = False) -> Dict[str, Ten
 def read_dcp(ckpt: Path, meta: dict, quiet: bool = False) -> Dict[str, Tensor]:
     """x from a DCP checkpoint of the main job (flattened optimizer state dict:
     ``optimizer.state.<fqn>.<key>``, ``optimizer.param_groups.<fqn>.<key>``), one param at a time."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-    reader = FileSystemReader(str(ckpt))
+
+    from .safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpoint
+    reader = SafeFileSystemReader(ckpt)  # .metadata: torch's DCP metadata classes only; items: weights_only
     try:
         meta = reader.read_metadata()
+    except UnsafeCheckpoint as e:
+        raise ExportError(str(e)) from e
     except (Exception, CheckpointException) as e:
         raise ExportError(f"cannot read {ckpt / '.metadata'} ({type(e).__name__}: {e}): truncated or corrupt") from e
     keys = set(meta.state_dict_metadata)
@@ -282,8 +315,8 @@ def read_dcp(ckpt: Path, meta: dict, quiet: bool = False) -> Dict[str, Tensor]:
         """{full DCP key: value} of the keys ``wanted``."""
         out: dict = {}
         try:
-            _load_state_dict(out, storage_reader=FileSystemReader(str(ckpt)),
-                             planner=_EmptyStateDictLoadPlanner(keys=wanted), no_dist=True)
+            _load_state_dict(out, storage_reader=SafeFileSystemReader(ckpt),
+                             planner=SafeLoadPlanner(keys=wanted), no_dist=True)
         except (Exception, CheckpointException) as e:  # (CheckpointException is a BaseException)
             raise ExportError(f"cannot read {sorted(wanted)} from {ckpt} ({type(e).__name__}: {str(e)[:300]}): a "
                               "data file is missing, truncated or corrupt") from e
@@ -397,8 +430,10 @@ def read_x(ckpt: os.PathLike | str, quiet: bool = True) -> Tuple[Dict[str, Tenso
 
 
 def export(ckpt: os.PathLike | str, out: os.PathLike | str, quiet: bool = True) -> Path:
-    """Write x of ``ckpt`` as an export directory at ``out`` (atomically); return it."""
+    """Write x of ``ckpt`` as an export directory at ``out`` (atomically); return it. ``out`` must be a new
+    directory or an earlier export (:mod:`sharded_msam_sf.output_dir`), and not the checkpoint or around it."""
     path = resolve(Path(ckpt))
+    out = check_output(out, (Path(ckpt), path), "export")
     sd, meta = read_x(path, quiet)
     hf = path / HF_CONFIG_FILE if path.is_dir() and (path / HF_CONFIG_FILE).is_file() else None
     if hf is None and path.is_dir() and (path.parent / HF_CONFIG_FILE).is_file():
@@ -411,13 +446,22 @@ def export(ckpt: os.PathLike | str, out: os.PathLike | str, quiet: bool = True) 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sharded_msam_sf.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("ckpt", help="a checkpoint directory (DeepSpeed, DCP, the main job's) or a state_dict file")
-    ap.add_argument("--out", required=True, help="the export directory to write (replaced whole if it exists)")
+    ap.add_argument("--out", required=True, help="the export directory to write: a new directory, or an earlier "
+                    "export (replaced whole); never the checkpoint, a directory around it, or another directory")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     try:
-        out = export(args.ckpt, args.out, quiet=args.quiet)
-    except ExportError as e:
+        with interruptible():  # SIGTERM removes the temporary directory too
+            out = export(args.ckpt, args.out, quiet=args.quiet)
+    except (ExportError, OutputDirError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError) as e:
+        from .job.checkpoint import is_full_disk
+        if not is_full_disk(e):
+            raise
+        print(f"error: no space left on device: {Path(args.out).resolve().parent} (writing the export {args.out}; "
+              f"{type(e).__name__}: {str(e)[:200]}); nothing was written there", file=sys.stderr)
         return 1
     print(f"x weights: {out}")
     return 0

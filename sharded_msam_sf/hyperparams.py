@@ -9,7 +9,7 @@ config schema (:mod:`sharded_msam_sf.config`) and by the reference
 name               default        valid
 =================  =============  =============================================================
 lr                 0.0025         a finite number >= 0 (γ, the peak learning rate)
-betas              (0.9, 0.999)   a pair: 0 < β1 < 1 (eval() divides by β1), 0 <= β2 < 1
+betas              (0.9, 0.999)   a pair: 1e-6 <= β1 < 1 (eval() divides by β1), 0 <= β2 < 1
 eps                1e-8           a finite number >= 0 (added outside the square root)
 weight_decay       0.0            a finite number >= 0 (λ, decoupled, applied at y)
 warmup_steps       0              an integer >= 0 (linear warm-up of γ)
@@ -22,6 +22,11 @@ foreach            None           None, True or False
 fused              None           None, True or False (not True together with foreach=True)
 state_dtype        None           None, torch.float32 or torch.bfloat16
 =================  =============  =============================================================
+
+Unknown param-group keys (``learning_rate`` for ``lr``) are refused by :func:`check_group_keys` (torch
+ignores them). Values that are valid but far outside what trains (``lr`` above :data:`SANE_MAX` ``["lr"]``,
+``rho`` or ``weight_decay`` above theirs) are named by :func:`extreme`: a warning at construction, and in
+the warning of a step skipped for a non-finite gradient (the usual consequence).
 
 "A number" is an ``int`` or ``float`` (or another real scalar such as a numpy float) and
 never a ``bool``: ``lr=True`` is refused, not read as 1. ``lr`` may also be a 0-d tensor
@@ -37,8 +42,8 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULTS", "SAM_MODES", "STATE_DTYPES", "InvalidHyperparameter", "default_rho", "check", "validate",
-           "resolved_rho"]
+__all__ = ["DEFAULTS", "SAM_MODES", "STATE_DTYPES", "SANE_MAX", "InvalidHyperparameter", "default_rho", "check",
+           "validate", "resolved_rho", "check_group_keys", "extreme"]
 
 SAM_MODES = ("one_pass", "two_pass")
 _DEFAULT_RHO = {"one_pass": 1.0, "two_pass": 0.05}
@@ -102,9 +107,10 @@ _RULES = {
     "state_dtype": ("state_dtype", "None, torch.float32 or torch.bfloat16",
                     lambda v: v is None or (isinstance(v, torch.dtype) and v in STATE_DTYPES)),
 }
+_MIN_BETA1 = 1e-6
 _BETA_RULES = (
-    ("0 < beta1 < 1; beta1 = 0 is excluded because eval() recovers x from y and z by dividing by beta1",
-     lambda b: _real(b) and 0.0 < b < 1.0),
+    (f"0 < beta1 < 1 and beta1 >= {_MIN_BETA1:g}; eval() recovers x from y and z by dividing by beta1, which "
+     "overflows the params for a smaller beta1 (and fails for 0)", lambda b: _real(b) and _MIN_BETA1 <= b < 1.0),
     ("0 <= beta2 < 1", lambda b: _real(b) and 0.0 <= b < 1.0),
 )
 
@@ -137,3 +143,34 @@ def validate(group: Mapping[str, Any]) -> None:
             check(name, group[name])
     if group.get("fused") and group.get("foreach"):
         raise ValueError("Invalid fused/foreach: fused=True and foreach=True cannot be set together")
+
+
+# the group keys the optimizer itself keeps (besides DEFAULTS) and those torch and its schedulers add
+_OWN_KEYS = ("params", "param_names", "initial_lr", "k", "train_mode", "weight_sum", "lr_max", "ascent_scale",
+             "at_ascent", "scheduled_lr", "skipped_steps", "skip_pending", "ascent_taken", "v_overflow_steps")
+
+
+def check_group_keys(group: Mapping[str, Any]) -> None:
+    """Refuse keys of a param group that are neither hyperparameters nor the optimizer's own: torch would
+    ignore ``{"params": ..., "learning_rate": 0.1}`` and train that group with the default lr."""
+    unknown = sorted(k for k in group if k not in DEFAULTS and k not in _OWN_KEYS)
+    if unknown:
+        import difflib
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(
+                 k.replace("learning_rate", "lr"), list(DEFAULTS), n=1, cutoff=0.5)) else repr(k) for k in unknown]
+        raise ValueError(f"Invalid param group: unknown key(s) {', '.join(hints)} (valid: {', '.join(DEFAULTS)}); "
+                         "torch would ignore them silently")
+
+
+# valid but far beyond what trains: named in a warning (see the module docstring)
+SANE_MAX = {"lr": 10.0, "rho": 100.0, "weight_decay": 1.0}
+
+
+def extreme(group: Mapping[str, Any]) -> list:
+    """Phrases naming the hyperparameters of ``group`` above :data:`SANE_MAX` (empty: none)."""
+    out = []
+    for name, bound in SANE_MAX.items():
+        v = _lr_value(group.get(name))
+        if _real(v) and math.isfinite(v) and v > bound:
+            out.append(f"{name}={v:g} (above {bound:g})")
+    return out

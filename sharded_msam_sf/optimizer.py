@@ -38,8 +38,8 @@ gradient evaluation — the groups' sums of squares of ``m`` and a non-finite fl
 from __future__ import annotations
 
 import math
+import sys
 import warnings
-import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -49,7 +49,7 @@ from torch.optim import Optimizer
 from . import hyperparams as H
 from . import kernels as K
 from .backends import Backend, resolve_backend
-from .backends.zero import refuse_unbound_zero
+from .backends.binding import Binding
 from .hyperparams import SAM_MODES, default_rho
 from .kernels.abstract import host_values, meta_params_allowed
 from .kernels.rules import decode_flag, encode_flags
@@ -78,89 +78,6 @@ def _local_values(t: Tensor) -> Tensor:
     """The values this process holds of ``t`` (a DTensor's local shard, else ``t``)."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
-
-
-def _param_kind(p: Tensor) -> Any:
-    """What the back-end rule reads of a param: its type (DTensor or not), FSDP1 flattening, ZeRO-3."""
-    return (type(p), bool(getattr(p, "_fsdp_flattened", False) or getattr(p, "_is_flat_param", False)),
-            hasattr(p, "ds_id"))
-
-
-class _Binding:
-    """The optimizer's back end, resolved lazily (one object shared with wrappers such as Lightning's
-    ``LightningOptimizer``, which copy the optimizer's attributes).
-
-    ``key`` is a tuple of ``(id, kind)`` per param, compared at each public call (a few list operations);
-    when it differs the back end is resolved again from the params held now. A back end given
-    at construction (``backend=``) or by :meth:`AdamWMSAMScheduleFree.bind_backend` is pinned, and
-    so is an auto-detected DeepSpeed one (its engine driver binds to that instance)."""
-
-    def __init__(self, backend: Optional[Backend], process_group, model, pipeline_group=None) -> None:
-        self.backend, self.pinned = backend, backend is not None
-        self.process_group = process_group
-        self.pipeline_group = pipeline_group
-        self.stages_checked = False  # check_stages ran for this binding (at its first gradient evaluation)
-        # a weak reference: the optimizer must not keep a DDP/FSDP model (and its gloo work) alive
-        self._model = weakref.ref(model) if model is not None else None
-        self.key: Optional[tuple] = None
-
-    @property
-    def model(self) -> Optional[torch.nn.Module]:
-        return self._model() if self._model is not None else None
-
-    def pin(self, backend: Backend) -> None:
-        self.backend, self.pinned = backend, True
-        self.stages_checked = False
-
-    def check_stages(self, opt: "AdamWMSAMScheduleFree") -> None:
-        """Once per binding: params of a multi-rank ``PipelineStage`` need ``pipeline_group=`` (else each
-        stage would use its own part of the norm); skipped for a back end pinned without it."""
-        if self.stages_checked:
-            return
-        self.stages_checked = True
-        if self.pinned and self.pipeline_group is None:
-            return
-        from .backends.pipeline import check_stages
-        check_stages([p for g in opt.param_groups for p in g["params"]], self.pipeline_group)
-
-    def resolve(self, opt: "AdamWMSAMScheduleFree") -> Backend:
-        if self.pinned:
-            return self.backend
-        params = [p for g in opt.param_groups for p in g["params"]]
-        key = tuple((id(p), _param_kind(p)) for p in params)
-        if key == self.key and self.backend is not None:
-            return self.backend
-        if self.key is not None:
-            self._carry_state(opt, params)
-        backend = resolve_backend(params, process_group=self.process_group, model=self.model,
-                                  pipeline_group=self.pipeline_group)
-        self.backend, self.key, self.stages_checked = backend, key, False
-        if type(backend).__name__ == "DeepSpeedBackend":
-            self.pinned = True
-        return backend
-
-    def _carry_state(self, opt: "AdamWMSAMScheduleFree", params: List[Tensor]) -> None:
-        """The params changed since the last binding: move each stateful param's state to the param
-        now at its place when that is the same tensor in another object (same kind, shape and
-        device, not sharded); refuse when the state was made for a tensor of another kind (a full tensor now
-        sharded, or the reverse), which would silently mix layouts."""
-        by_id = {id(q): q for q in opt.state}
-        for (old_id, old_kind), p in zip(self.key, params):
-            old = by_id.get(old_id)
-            if old is None or "z" not in opt.state[old]:
-                continue
-            if old is p and old_kind == _param_kind(p):
-                continue
-            z = opt.state[old]["z"]
-            if (old_kind == _param_kind(p) and not any(old_kind[1:]) and not callable(getattr(p, "to_local", None))
-                    and z.shape == p.shape and z.device == p.device):
-                opt.state[p] = opt.state.pop(old)
-                continue
-            raise RuntimeError(
-                "AdamWMSAMScheduleFree: the parameters were wrapped or replaced (FSDP, fully_shard, "
-                "accelerator.prepare, ...) after the optimizer state was created, so the state no longer matches "
-                "them; wrap the model before the first step() (building the optimizer before wrapping is fine), "
-                "or save the state with torch.distributed.checkpoint and load it into the wrapped optimizer")
 
 
 class AdamWMSAMScheduleFree(Optimizer):
@@ -259,14 +176,14 @@ class AdamWMSAMScheduleFree(Optimizer):
                                       pipeline_group=pipeline_group, process_group=process_group)
         # resolved now (errors early), and again at the first use after the params changed identity or
         # kind (late binding: wrapped by FSDP after construction, swapped by accelerator.prepare)
-        self._binding = _Binding(backend, process_group, model, pipeline_group)
+        self._binding = Binding(backend, process_group, model, pipeline_group)
         self._bind()
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_fused_state", K.FusedState())
         self.__dict__.setdefault("_validated", {})
-        self.__dict__.setdefault("_binding", _Binding(None, None, None, None))
+        self.__dict__.setdefault("_binding", Binding(None, None, None, None))
 
     # ------------------------------------------------------------------ late binding
     @property
@@ -284,6 +201,14 @@ class AdamWMSAMScheduleFree(Optimizer):
         params change later): the hook for engines that bind the optimizer after building it."""
         self._binding.pin(resolve_backend((), backend=backend, pipeline_group=self._binding.pipeline_group))
 
+    def state_dict(self) -> Dict[str, Any]:
+        """torch's ``state_dict``; a transformers Trainer that saves it in train mode without
+        ScheduleFreeCallback gets a warning (its model file holds y: see integrations/hf_guard.py)."""
+        if "transformers.trainer" in sys.modules and self.param_groups and self.param_groups[0].get("train_mode"):
+            from .integrations.hf_guard import warn_if_trainer_without_callback
+            warn_if_trainer_without_callback(self)
+        return super().state_dict()
+
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """torch's ``add_param_group``, plus: floating point params only, each once; the
@@ -291,6 +216,7 @@ class AdamWMSAMScheduleFree(Optimizer):
         ``train()`` joins in train mode (its params have no state yet, so they hold y)."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        H.check_group_keys(param_group)
         ps = param_group.get("params")
         if ps is not None and not isinstance(ps, set):
             ps = param_group["params"] = [ps] if isinstance(ps, Tensor) else list(ps)
@@ -317,6 +243,12 @@ class AdamWMSAMScheduleFree(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        bad = H.extreme(group)
+        if bad:
+            warnings.warn(f"AdamWMSAMScheduleFree: param group {len(self.param_groups) - 1} has {', '.join(bad)}: "
+                          "valid, but far outside what trains; expect the params to overflow and the steps to be "
+                          "skipped (weight_decay: y is multiplied by 1 - lr*weight_decay every step)",
+                          RuntimeWarning, stacklevel=3)
         if len(self.param_groups) > 1:
             group["train_mode"] = self.param_groups[0]["train_mode"]
 
@@ -694,7 +626,7 @@ class AdamWMSAMScheduleFree(Optimizer):
     def _warn_skip(self, where: str) -> None:
         warnings.warn(f"AdamWMSAMScheduleFree: non-finite gradient (NaN/inf) on some rank in {where}; "
                       f"the step is skipped on every rank and the optimizer state is unchanged "
-                      f"(skipped so far: {self.skipped_steps})", RuntimeWarning, stacklevel=3)
+                      f"(skipped so far: {self.skipped_steps}){self._skip_cause()}", RuntimeWarning, stacklevel=3)
 
     def _note_v_overflow(self) -> None:
         for group in self.param_groups:
@@ -735,7 +667,12 @@ class AdamWMSAMScheduleFree(Optimizer):
             self._backend.params_changed()
         what = "no ascent, the coming step() is skipped" if ascent else "step skipped"
         warnings.warn(f"AdamWMSAMScheduleFree: {what} ({reason}); the optimizer state is unchanged "
-                      f"(skipped so far: {self.skipped_steps})", RuntimeWarning, stacklevel=2)
+                      f"(skipped so far: {self.skipped_steps}){self._skip_cause()}", RuntimeWarning, stacklevel=2)
+
+    def _skip_cause(self) -> str:
+        """'; likely cause: ...' naming extreme hyperparameters (hyperparams.extreme), or ''."""
+        causes = [f"group {i}: {', '.join(b)}" for i, g in enumerate(self.param_groups) if (b := H.extreme(g))]
+        return f"; likely cause: {'; '.join(causes)}, which overflows the params (lower it)" if causes else ""
 
     @staticmethod
     def _schedule(group: Dict[str, Any]) -> Tuple[float, float, float]:
@@ -774,7 +711,7 @@ class AdamWMSAMScheduleFree(Optimizer):
         self._check_groups("step()")
         init_call = self._is_state_init_call()  # allowed in eval mode: DCP loads into a fresh optimizer
         if not init_call:  # (first: DeepSpeed's fp16 wrappers step it in deepspeed.initialize, in eval mode)
-            refuse_unbound_zero(self)  # stepped inside a DeepSpeed engine without attach(): wrong ||m||
+            self._binding.refuse_unbound_step(self)  # an engine's wrapper steps it unbound: wrong ||m||
             self.require_train("step()")
         loss = None
         if (closure is not None and not init_call and self.sam_mode == "two_pass"
@@ -801,8 +738,8 @@ class AdamWMSAMScheduleFree(Optimizer):
     def _check_some_gradient(self) -> None:
         """A step with no gradient on any param would still count a step and move the ascent: that is
         the trace of params the model no longer uses (e.g. FSDP1 ``use_orig_params=False`` wrapped after
-        the optimizer was built), so it is refused. (DeepSpeed's driver hands gradients itself.)"""
-        if self._has_grads() or type(self._backend).__name__ == "DeepSpeedBackend":
+        the optimizer was built), so it is refused. (A back end whose engine hands the gradients itself, ``hands_gradients``, is not checked.)"""
+        if self._has_grads() or self._backend.hands_gradients:
             return
         if not any(g["params"] for g in self.param_groups):
             return
@@ -812,9 +749,24 @@ class AdamWMSAMScheduleFree(Optimizer):
             "wrapper) replaced them after the optimizer was built; build the optimizer from the wrapped model's "
             "parameters, or use use_orig_params=True")
 
+    def set_closure_replay(self, replay: Optional[Callable[[], Any]]) -> None:
+        """two_pass ``step(closure)`` with gradient accumulation (Lightning's ``accumulate_grad_batches``):
+        the params already hold the gradients of the step's earlier micro-batches, taken at y, and the
+        closure runs the last one. The next ``step(closure)`` then keeps those gradients (no ``zero_grad()``
+        before the first closure call), so ``move_to_ascent()`` folds g0 = their mean with the last one's
+        into m, and at the ascent point it calls ``replay()`` (the earlier micro-batches' forward and
+        backward again, each loss divided by the number of micro-batches as in the first pass) before the
+        closure. Used by that one step; ``None`` clears it. See :mod:`sharded_msam_sf.accumulation`."""
+        if replay is not None and not callable(replay):
+            raise TypeError(f"set_closure_replay() takes a callable or None, got {type(replay).__name__}")
+        self._closure_replay = replay
+
     def _closure_sam_loop(self, closure: Callable[[], Any]) -> Any:
-        """two_pass ``step(closure)``: the SAM loop of :meth:`step`'s docstring."""
-        self.zero_grad(set_to_none=True)
+        """two_pass ``step(closure)``: the SAM loop of :meth:`step`'s docstring (with the earlier micro-batches
+        of :meth:`set_closure_replay` when one is set)."""
+        replay, self._closure_replay = getattr(self, "_closure_replay", None), None
+        if replay is None:
+            self.zero_grad(set_to_none=True)
         with torch.enable_grad():
             loss = closure()
         if not self._has_grads():
@@ -822,6 +774,8 @@ class AdamWMSAMScheduleFree(Optimizer):
         if any(self._uses_ascent(g) for g in self.param_groups):
             self.move_to_ascent()
             with torch.enable_grad():
+                if replay is not None:
+                    replay()
                 closure()
             self.move_from_ascent()
         self._step_two_pass()

@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from .job.data import load_corpus
-    from .job.engines import build_engine, init_distributed
+    from .job.engines import LaunchMismatch, build_engine, init_distributed
     from .job.trainer import Diverged, Interrupted, run
     from .teardown import close_process_group
 
@@ -153,6 +153,9 @@ def main(argv=None) -> int:
         if env is None or env.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 3 if isinstance(e, Diverged) else 1
+    except LaunchMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         if e.errno == errno.ENOSPC:
             print(f"error: no space left on device: {e.filename or e}", file=sys.stderr)

@@ -5,6 +5,7 @@ An export is a directory::
     model.safetensors   the weights (x, the optimizer's eval-mode point), no pickle, memory-mappable
     export.json         {"format": "sharded_msam_sf.weights/1", "weights": "x", "step": ..., ...}
     config.json         only when the checkpoint came from an HF model (its config, copied as saved)
+    .sharded_msam_sf-output   the marker: a tool wrote this directory (and may replace it)
 
 Every name of the state dict is stored, tied weights (the GPT's ``lm_head.weight`` = ``wte.weight``)
 under each of their names, and in sorted order, so that the file does not depend on how the source held
@@ -13,7 +14,9 @@ HF expects), as safetensors writes its header's metadata in hash-map order, whic
 of a file differ from run to run.
 
 The directory is written under a temporary name next to it and renamed into place at the end, so a
-crash never leaves half an export (an existing export there is replaced whole).
+crash never leaves half an export (an existing export there is replaced whole). Every export carries the
+marker file ``.sharded_msam_sf-output`` (:mod:`sharded_msam_sf.output_dir`): the offline tools replace only
+directories that hold it (or an export of an earlier release).
 
 :func:`load_weights` also reads the old ``torch.save`` exports (``model.pt``: ``{"model": ..., "meta":
 ...}``) with ``weights_only=True`` and a ``DeprecationWarning``.
@@ -30,6 +33,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .output_dir import write_marker
 
 __all__ = ["FORMAT", "WEIGHTS_FILE", "META_FILE", "HF_CONFIG_FILE", "save_weights", "write_safetensors",
            "load_weights", "replace_dir"]
@@ -94,6 +99,7 @@ def save_weights(state_dict: Dict[str, Tensor], out_dir: os.PathLike | str, meta
         (tmp / META_FILE).write_text(json.dumps(written, indent=1, sort_keys=True) + "\n")
         if hf_config is not None:
             shutil.copyfile(hf_config, tmp / HF_CONFIG_FILE)
+        write_marker(tmp, "sharded_msam_sf export")
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -236,14 +236,14 @@ def ds_train(engine, opt, steps, sam_mode: str, *, start: int = 0, gas: int = 1,
 
 def module_weights(engine) -> Dict[str, torch.Tensor]:
     """What engine.module computes with (gathered under ZeRO-3), as float32 copies."""
-    from sharded_msam_sf.backends.zero import gathered
+    from sharded_msam_sf.deepspeed import gathered
     with gathered(engine.module.parameters()):
         return {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
 
 
 def master_weights(engine) -> Dict[str, torch.Tensor]:
-    """The fp32 masters, full (the one export: sharded_msam_sf.backends.zero.full_fp32_state_dict)."""
-    from sharded_msam_sf.backends.zero import full_fp32_state_dict
+    """The fp32 masters, full (the one export: sharded_msam_sf.deepspeed.full_fp32_state_dict)."""
+    from sharded_msam_sf.deepspeed import full_fp32_state_dict
     return full_fp32_state_dict(engine.module)
 
 
@@ -286,7 +286,7 @@ def make_engine_elsewhere(cfg, seed: int = 0):
     ``backend=``), the engine not attached: ``(engine, optimizer)``."""
     import deepspeed
 
-    from sharded_msam_sf.deepspeed_config import client_config
+    from sharded_msam_sf.deepspeed.ds_config import client_config
     model = make_model(seed)
     p = cfg["optimizer"]["params"]
     opt = AdamWMSAMScheduleFree(param_groups(model, p["lr"]), lr=p["lr"], rho=p["rho"], sam_mode=p["sam_mode"],

@@ -413,7 +413,7 @@ def measure_collectives(engine: str, rank: int, world_size: int, *, steps: int =
     eval()/train()/eval(); for :func:`check_collectives`. ``make``/``wrapper`` as in
     :func:`measure_equivalence`; ``setup()`` (instead) gives a fresh ``(model, run_loop keyword
     arguments)`` for each optimizer; ``opt_kwargs`` may be a function of that model."""
-    from sharded_msam_sf.comm_count import CommCounter
+    from sharded_msam_sf.testing.comm_count import CommCounter
     dp_rank = rank if dp_rank is None else dp_rank
     dp_size = world_size if dp_size is None else dp_size
     setup = setup or (lambda: ((wrapper or wrap)(engine, (make or make_model)(seed=5)), {}))

@@ -40,7 +40,7 @@ def _fake_mode(where: str) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     from sharded_msam_sf import AdamWMSAMScheduleFree
-    from sharded_msam_sf.comm_count import CommCounter
+    from sharded_msam_sf.testing.comm_count import CommCounter
     from sharded_msam_sf.simulate import models, world
     world.init_fake(3, 64)
     try:

@@ -419,7 +419,7 @@ def _ranks(rank, world, kind):
 @pytest.fixture(scope="module")
 def distributed():
     """{kind: {rank: measurements}} for DDP and FSDP2 on 2 gloo ranks."""
-    from sharded_msam_sf.local_ranks import run_ranks
+    from sharded_msam_sf.testing.local_ranks import run_ranks
     return {kind: run_ranks(_ranks, 2, kind, timeout=300) for kind in ("ddp", "fsdp2")}
 
 

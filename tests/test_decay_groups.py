@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sharded_msam_sf.config import ConfigError, grouping_from_config, optimizer_kwargs_from_config
-from sharded_msam_sf.decay_groups import decay_groups, decay_parameter_names
+from sharded_msam_sf.deepspeed.decay_groups import decay_groups, decay_parameter_names
 
 
 class RMSNorm(torch.nn.Module):

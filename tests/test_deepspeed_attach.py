@@ -69,7 +69,7 @@ def _ranks(rank, world, rec):
     from sharded_msam_sf import AdamWMSAMScheduleFree
     from sharded_msam_sf.config import ConfigError
     from sharded_msam_sf.deepspeed import attach, register, unregister
-    from sharded_msam_sf.deepspeed_config import client_config
+    from sharded_msam_sf.deepspeed.ds_config import client_config
 
     def attached(name, stage, mode, dtype):
         cfg = S.ds_config(stage, "bf16", mode, bf16_optimizer=True) if dtype == "bf16opt" else S.ds_config(stage, "fp32", mode)

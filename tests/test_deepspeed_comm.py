@@ -11,7 +11,7 @@ def measure(S, stage, dtype, which, steps=3):
     """Collectives per engine step (forward+backward and step counted apart), as dicts."""
     import deepspeed
     import torch
-    from sharded_msam_sf.comm_count import CommCounter
+    from sharded_msam_sf.testing.comm_count import CommCounter
     cfg = S.ds_config(stage, dtype, "one_pass")
     with CommCounter() as cc:
         if which == "ours":

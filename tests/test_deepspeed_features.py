@@ -48,10 +48,10 @@ def _same(a, b):
 
 def _padding_values(engine, opt):
     """The values in the padding of the fp32 masters and of each optimizer state made from them:
-    ZeRO-3 by :func:`~sharded_msam_sf.backends.zero.zero3_padding`, ZeRO-1/2 the last
+    ZeRO-3 by :func:`~sharded_msam_sf.deepspeed.driver.zero3_padding`, ZeRO-1/2 the last
     ``groups_padding[i]`` elements of the last rank's flat partition."""
     import torch
-    from sharded_msam_sf.backends.zero import zero3_padding
+    from sharded_msam_sf.deepspeed.driver import zero3_padding
     zero = engine.optimizer
     if hasattr(zero, "fp32_partitioned_groups_flat"):
         ranges = zero3_padding(zero)
@@ -138,7 +138,7 @@ def _features_ranks(rank, world, rec):
 
     def padding(name, stage, plant):
         """Built elsewhere and attached, NaN planted in the masters' padding before attach()."""
-        from sharded_msam_sf.backends.zero import zero3_padding
+        from sharded_msam_sf.deepspeed.driver import zero3_padding
         from sharded_msam_sf.deepspeed import attach
         cfg = S.ds_config(stage, "fp32", "one_pass")
         engine, _ = S.make_engine_elsewhere(cfg)

@@ -120,7 +120,7 @@ def test_initialize_config_errors_from_a_file_and_deepspeed_keys(tmp_path):
 
 def test_shipped_configs_validate():
     from sharded_msam_sf.config import optimizer_kwargs_from_config
-    from sharded_msam_sf.deepspeed_config import check_deepspeed_config, load_deepspeed_config
+    from sharded_msam_sf.deepspeed.ds_config import check_deepspeed_config, load_deepspeed_config
     paths = sorted((ROOT / "configs" / "deepspeed").glob("zero*.json"))
     assert len(paths) >= 6, paths
     for p in paths:

@@ -109,9 +109,9 @@ def _ranks(rank, world, rec):
 
     from sharded_msam_sf import AdamWMSAMScheduleFree
     from sharded_msam_sf.backends.base import Reduction, group_ranks
-    from sharded_msam_sf.comm_count import CommCounter
+    from sharded_msam_sf.testing.comm_count import CommCounter
     from sharded_msam_sf.deepspeed import attach, init_distributed, initialize
-    from sharded_msam_sf.deepspeed_config import client_config
+    from sharded_msam_sf.deepspeed.ds_config import client_config
 
     init_distributed("gloo")
     dp = world // PP

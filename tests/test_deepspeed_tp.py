@@ -158,7 +158,7 @@ def _stats_reduces(cc):
 
 def _ranks(rank, world, rec):
     from sharded_msam_sf.backends.base import group_ranks
-    from sharded_msam_sf.comm_count import CommCounter
+    from sharded_msam_sf.testing.comm_count import CommCounter
     from sharded_msam_sf.deepspeed import initialize
 
     mesh = GroupMesh()

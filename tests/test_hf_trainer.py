@@ -88,13 +88,6 @@ def test_refuses_a_trainer_whose_optimizer_is_not_ours(tmp_path):
         trainer.train()
 
 
-def test_two_pass_refuses_gradient_accumulation(tmp_path):
-    from sharded_msam_sf.integrations.hf import MSAMTrainer
-    with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
-        _train(tmp_path, "two_pass", MSAMTrainer, gradient_accumulation_steps=2, per_device_train_batch_size=4,
-               save_strategy="no")
-
-
 @pytest.mark.parametrize("mode,cls", [("one_pass", "Trainer"), ("two_pass", "MSAMTrainer")])
 def test_resume_from_a_checkpoint_is_exact(tmp_path, mode, cls):
     """4 steps with checkpoints every 2; train(resume_from_checkpoint=checkpoint-2) in a fresh Trainer ends on

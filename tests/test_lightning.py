@@ -133,12 +133,6 @@ def test_checkpoint_holds_x_and_resume_is_exact(mode, tmp_path):
     assert torch.equal(flat(resumed.net), flat(full.net))
 
 
-def test_two_pass_with_gradient_accumulation_is_refused():
-    with pytest.raises(ValueError, match="accumulate_grad_batches=2"):
-        m = Module("two_pass")
-        trainer(accumulate_grad_batches=2).fit(m, *loaders())
-
-
 def test_without_the_callback_the_first_step_raises():
     m = Module("one_pass")
     t = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,

@@ -1,11 +1,11 @@
-"""The rank harness (sharded_msam_sf.local_ranks.run_ranks) shared by the tests and benchmarks:
+"""The rank harness (sharded_msam_sf.testing.local_ranks.run_ranks) shared by the tests and benchmarks:
 results per rank, every failing rank's traceback, hung ranks killed, and a rank that dies
 after reporting success (a gloo abort at exit) is a failure — never rerun."""
 from __future__ import annotations
 
 import pytest
 
-from sharded_msam_sf.local_ranks import RanksFailed, run_ranks
+from sharded_msam_sf.testing.local_ranks import RanksFailed, run_ranks
 
 
 def _results(rank, world):

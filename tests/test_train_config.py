@@ -91,12 +91,19 @@ def test_impossible_batch_split(tmp_path, gbs, mbs, world):
 
 def test_world_size_comes_from_the_launcher_env(tmp_path, monkeypatch):
     path = write(tmp_path, {"train": {"global_batch_size": 16, "micro_batch_size": 8}})
+    for v in ("RANK", "WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("RANK", "0")  # the launcher's rule (launch_env.discover): RANK says which variables count
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError, match="world size \\(3\\)"):
         load_config(path)
     monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("PMI_RANK", "0")
     monkeypatch.setenv("PMI_SIZE", "2")
     assert load_config(path).grad_accum == 1
+    monkeypatch.delenv("PMI_RANK")  # a stray size without its launcher's rank is not a world size
+    assert load_config(path).grad_accum == 2
 
 
 def test_missing_data_file(tmp_path):

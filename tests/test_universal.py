@@ -116,7 +116,7 @@ def test_deepspeed_zero3_loader_cannot_load_it(runs):
 
 
 def test_deepspeed_converter_output_without_z_is_refused(runs, tmp_path):
-    from sharded_msam_sf.backends.zero_universal import UniversalCheckpointError, _check
+    from sharded_msam_sf.deepspeed.universal import UniversalCheckpointError, _check
     _, tmp, _, _ = runs
     bare = shutil.copytree(tmp / "universal_z2", tmp_path / "no_z")
     for f in bare.glob("zero/*/z.pt"):

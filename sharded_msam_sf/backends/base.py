@@ -147,6 +147,12 @@ class Backend:
     """One process: the tensors are local, nothing to reduce, nothing cached outside the params."""
 
     reduction: Reduction = Reduction()
+    #: the engine hands the optimizer its gradients itself (DeepSpeed's driver sets them on its flat
+    #: partitions for the call): ``step()`` with no ``.grad`` in sight is then not a missing backward
+    hands_gradients: bool = False
+    #: an engine driver binds to this very instance once it is detected: late binding keeps it
+    #: (never re-resolved when the params change, as a ``backend=`` given by the user)
+    pin_when_detected: bool = False
 
     def local(self, t: Tensor) -> Tensor:
         """The tensor this rank holds for ``t`` (here: ``t``)."""

@@ -108,6 +108,19 @@ def _agree(fn, what: str):
     return result
 
 
+# what torch.save's zip writer says when a write comes up short (a full disk or quota; errno is lost)
+_SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed writing file", "file write failed")
+
+
+def is_full_disk(e: BaseException) -> bool:
+    """ENOSPC, or torch.save's ``[enforce fail at inline_container.cc:...] . unexpected pos`` (its zip writer
+    reports a write that came up short that way, without the errno)."""
+    text = str(e)
+    return ((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+            or "no space left on device" in text.lower()
+            or (isinstance(e, RuntimeError) and any(m in text for m in _SHORT_WRITE)))
+
+
 def _describe_error(e: BaseException, what: str) -> str:
     """The error text; a full disk says so and names the path."""
     chain, cur = [], e
@@ -115,7 +128,7 @@ def _describe_error(e: BaseException, what: str) -> str:
         chain.append(cur)
         cur = cur.__cause__ or cur.__context__
     for c in chain:
-        if (isinstance(c, OSError) and c.errno == errno.ENOSPC) or "No space left on device" in str(c):
+        if is_full_disk(c):
             where = getattr(c, "filename", None) or what
             return f"no space left on device while writing {where} ({type(c).__name__}: {c})"
     return f"{what}: {type(e).__name__}: {e}"
@@ -165,7 +178,7 @@ def atomic_torch_save(obj, path: Path) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
         tmp.unlink(missing_ok=True)
-        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
+        if is_full_disk(e):
             raise OSError(errno.ENOSPC, f"no space left on device while writing {path}", str(path)) from e
         raise
     _fsync_dir(path.parent)
@@ -381,8 +394,10 @@ def verify_share(ckpt: Path, rank: int = 0, world: int = 1, engine: str | None =
     try:
         check_private(ckpt, "checkpoint")
         if not (ckpt / MANIFEST).is_file():
-            return [f"{ckpt} has no {MANIFEST} (the save did not finish, or it was not written by this job "
-                    "version); an unverified checkpoint is never loaded: DCP/DeepSpeed files are pickles"]
+            return [f"{ckpt} has no {MANIFEST} (written by an earlier release, or by hand); an unverified checkpoint "
+                    "is never loaded: DCP/DeepSpeed files are pickles. Seal it with `python -m "
+                    f"sharded_msam_sf.checkpoint seal {ckpt}` (it checks that every file loads with safe loaders "
+                    "first), or relaunch with --override checkpoint.adopt_unsealed=true"]
         check_private(ckpt / MANIFEST, "checkpoint manifest")
         m = read_manifest(ckpt)
         state = read_state(ckpt)
@@ -426,12 +441,25 @@ def verify(ckpt: Path, rank: int = 0, world: int = 1, engine: str | None = None)
     return sorted({p for share in found for p in share})
 
 
+def check_replaceable(final: Path, run_id: str) -> None:
+    """Raise CheckpointError unless ``final`` is absent or a checkpoint of run ``run_id`` (sealed: its
+    manifest says so); a step directory this run did not write is never removed or overwritten."""
+    if final.is_symlink():
+        raise CheckpointError(f"{final} is a symlink; the job never writes through a link. Replace it with the "
+                              "directory itself, or remove it")
+    if final.exists() and _run_of(final) != run_id:
+        raise CheckpointError(f"{final} exists and was not written by this run ({run_id}; its manifest says "
+                              f"{_run_of(final) or 'nothing: it has none'}); a checkpoint of another run or of an "
+                              "earlier release is never overwritten. Move it away, or use a fresh log.out_dir")
+
+
 def seal(tmp: Path, final: Path, job_state: dict, rank: int, world: int, healthy: bool = True,
-         extra: dict | None = None) -> None:
+         extra: dict | None = None, replace_any: bool = False) -> None:
     """Collective: make the directory ``tmp`` (its files written) the verified checkpoint ``final``: the
     files' SHA-256 (shared out over the ranks), then rank 0 writes job_state.json, manifest.json (last;
-    ``extra`` keys added), and renames ``tmp`` to ``final`` (replacing one of the same name). A failure
-    raises the same CheckpointError on every rank; ``final`` is then as it was."""
+    ``extra`` keys added), and renames ``tmp`` to ``final`` (replacing one of the same name only if it is
+    this run's, or with ``replace_any``: the job's own derived conversions). A failure raises the same
+    CheckpointError on every rank; ``final`` is then as it was."""
     files = _broadcast(_listing(tmp)[0] if rank == 0 else None)
     files = [f for f in files if f not in (STATE_FILE, MANIFEST)]
     share = _agree(lambda: _hash_share(tmp, files, rank, world), f"checkpoint {tmp}")
@@ -440,6 +468,8 @@ def seal(tmp: Path, final: Path, job_state: dict, rank: int, world: int, healthy
     def finish():
         if rank != 0:
             return
+        if not replace_any:
+            check_replaceable(final, job_state["run_id"])
         atomic_write_bytes(tmp / STATE_FILE, json.dumps(job_state, indent=1).encode())
         listed[STATE_FILE] = {"size": (tmp / STATE_FILE).stat().st_size, "sha256": sha256_file(tmp / STATE_FILE)}
         manifest = {"format": MANIFEST_FORMAT, "run_id": job_state["run_id"], "step": job_state["step"],
@@ -513,6 +543,7 @@ class Checkpointer:
 
         def prepare():
             if self.rank == 0:
+                check_replaceable(final, self.run_id)
                 make_private_dir(self.root)
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
@@ -612,8 +643,11 @@ def plan_resume(cfg, ckpt: Checkpointer) -> ResumePlan:
 
     def listing():
         own_run = _store_get(store, _STORE_RUN_KEY) if restarted else None
+        refusal, adopted = _unsealed_refusal(cfg, ckpt.root)
+        if refusal:
+            return None, False, None, refusal, []
         if mode not in ("auto", "never", "must"):
-            return [str(Path(mode))], False, own_run, None
+            return [str(Path(mode))], False, own_run, None, adopted
         if mode == "never" and own_run is None:
             if ckpt.has_any():
                 newest = ckpt.complete()
@@ -627,12 +661,12 @@ def plan_resume(cfg, ckpt: Checkpointer) -> ResumePlan:
                 return None, False, None, (
                     f"checkpoint.resume=never, but {ckpt.root} holds checkpoints of another run{desc}; a new run "
                     "never mixes its checkpoints with another's. Use a fresh log.out_dir, remove that "
-                    "directory, or continue it with checkpoint.resume=auto")
-            return [], False, None, None
+                    "directory, or continue it with checkpoint.resume=auto"), []
+            return [], False, None, None, adopted
         cands = ckpt.candidates()
         if own_run is None:  # the run is the newest checkpoint's: never fall back into another run's
             own_run = next((r for r in map(_run_of, cands) if r is not None), None)
-        return [str(p) for p in cands], True, own_run, None
+        return [str(p) for p in cands], True, own_run, None, adopted
 
     err = None
     listed = None
@@ -644,11 +678,11 @@ def plan_resume(cfg, ckpt: Checkpointer) -> ResumePlan:
     err, listed = _broadcast((err, listed))
     if err:
         raise CheckpointError(err)
-    cands, fallback, own_run, refusal = listed
+    cands, fallback, own_run, refusal, adopted = listed
     if refusal:
         raise RunDirError(refusal)
 
-    notes, failures = [], []
+    notes, failures = list(adopted), []
     for i, c in enumerate(map(Path, cands)):
         problems = verify(c, rank, world, engine)
         if not problems and own_run is not None:
@@ -680,6 +714,36 @@ def plan_resume(cfg, ckpt: Checkpointer) -> ResumePlan:
         raise CheckpointError(f"--resume: no complete checkpoint under {ckpt.root}")
     run_id = own_run or _broadcast(uuid.uuid4().hex[:12] if rank == 0 else None)
     return ResumePlan(None, run_id, {}, notes)
+
+
+def _unsealed_refusal(cfg, root: Path) -> tuple[str | None, list[str]]:
+    """(a refusal, notes) for step directories under ``root`` that the job cannot use as they are: symlinks
+    (never followed, never overwritten), and directories without a manifest (earlier releases): refused,
+    naming the seal command, or sealed here with checkpoint.adopt_unsealed=true."""
+    from ..checkpoint_seal import COMMAND, SealError, seal_checkpoint, unsealed
+    if not root.is_dir():
+        return None, []
+    links = sorted(p for p in root.glob("step_*") if p.is_symlink())
+    if links:
+        return (f"{links[0]} is a symlink (to {os.readlink(links[0])}); the job never loads a checkpoint through a "
+                "link, nor overwrites one at the next save of that step. Replace the link with the directory "
+                "itself (mv), or move it out of checkpoints/"), []
+    bare = unsealed(root)
+    if not bare:
+        return None, []
+    names = ", ".join(p.name for p in bare[:4]) + (f" (and {len(bare) - 4} more)" if len(bare) > 4 else "")
+    if not getattr(cfg.checkpoint, "adopt_unsealed", False):
+        return (f"{root} holds checkpoint(s) without {MANIFEST}: {names} (written by an earlier release, or copied "
+                "by hand). They are never loaded unverified (DCP/DeepSpeed files are pickles), overwritten or "
+                f"removed. Seal them: `{COMMAND} {root}` (checks that every file loads with safe loaders, then "
+                "writes the manifests) and relaunch; or relaunch with --override checkpoint.adopt_unsealed=true "
+                "(the job does the same); or use a fresh log.out_dir"), []
+    run_id = "sealed-" + uuid.uuid4().hex[:8]  # one run: the earlier release's checkpoints of this out_dir
+    try:
+        lines = [seal_checkpoint(d, run_id) for d in bare]
+    except SealError as e:
+        return f"checkpoint.adopt_unsealed=true, but sealing failed (nothing was loaded): {e}", []
+    return None, [f"adopted (checkpoint.adopt_unsealed): {line}" for line in lines]
 
 
 def record_run_id(run_id: str, rank: int) -> None:

@@ -181,6 +181,10 @@ class EvalConfig(_Section):
     """steps; 0: only at the end"""
     batches: int = Field(8, gt=0)
     """validation micro-batches in total (a fixed set, shared out over the ranks)"""
+    recalibrate_bn: int = Field(0, ge=0)
+    """training micro-batches per rank on which BatchNorm running statistics are re-estimated at x before every
+    evaluation and the export (sharded_msam_sf.bn.recalibrate; the micro-batches of the latest steps); 0: off.
+    Needs a model with BatchNorm (the job's GPT has none) and parallel.tp = parallel.pp = 1"""
 
 
 class CheckpointConfig(_Section):
@@ -196,6 +200,10 @@ class CheckpointConfig(_Section):
     """deepspeed: a checkpoint written at another world size or ZeRO stage is converted into DeepSpeed's
     universal format with our state (python -m sharded_msam_sf.checkpoint to-universal) under
     out_dir/universal/ and resumed from there (auto), or refused (never)"""
+    adopt_unsealed: bool = False
+    """checkpoints without manifest.json (written by an earlier release) are refused, naming `python -m
+    sharded_msam_sf.checkpoint seal DIR`; true: the job seals them itself at start (each must load with the
+    safe loaders first) and resumes as usual. They are never overwritten or removed either way"""
 
     @field_validator("resume")
     @classmethod
@@ -224,6 +232,9 @@ class LogConfig(_Section):
     @field_validator("out_dir")
     @classmethod
     def _a_dir(cls, d: str) -> str:
+        if not d.strip():
+            raise ConfigError("config key 'log.out_dir' is empty (it would mean the working directory); give the "
+                              "run directory, e.g. log.out_dir=runs/my_run (log.out_dir=. for the working directory)")
         out = Path(d)
         for p in (out, *out.parents):
             if p.exists() and not p.is_dir():
@@ -304,6 +315,9 @@ class JobConfig(_Section):
             raise ConfigError(f"world size must be >= 1, got {world_size}")
         self._check_parallel(world_size)
         tp, pp = self.parallel.tp, self.parallel.pp
+        if self.eval.recalibrate_bn and (tp > 1 or pp > 1):
+            raise ConfigError(f"config key 'eval.recalibrate_bn' needs parallel.tp = parallel.pp = 1 (got tp {tp}, "
+                              f"pp {pp}): the statistics are combined over all ranks as data-parallel replicas")
         per_step = t.micro_batch_size * (world_size // (tp * pp))  # global = micro * dp * accumulation
         if t.global_batch_size % per_step:
             split = f"parallel.tp {tp}" if tp > 1 else f"parallel.pp {pp}"
@@ -425,11 +439,14 @@ def _set_override(raw: dict, item: str) -> None:
 
 
 def env_world_size() -> int:
-    """The world size the launcher announced (torchrun/deepspeed, MPI, SLURM), before any init."""
-    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(var):
-            return int(os.environ[var])
-    return 1
+    """The world size the launcher announced (torchrun/deepspeed, MPI, srun), before any init: the rule of
+    :func:`sharded_msam_sf.launch_env.discover`, the one the process group is started with (an sbatch script
+    without srun is one process, whatever SLURM_NTASKS says)."""
+    from sharded_msam_sf.launch_env import discover
+    try:
+        return discover().world_size
+    except ValueError as e:
+        raise ConfigError(f"the launcher's environment: {e}") from None
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), world_size: int | None = None,

@@ -393,8 +393,8 @@ class DeepSpeedEngine(_MicroBatches):
 
     def load_universal(self, path: Path) -> None:
         """A universal checkpoint of another world size or ZeRO stage (sharded_msam_sf.job.universal)."""
-        from ..backends.zero import load_universal
-        from ..backends.zero_universal import UniversalCheckpointError
+        from ..deepspeed.universal import load_universal
+        from ..deepspeed.universal import UniversalCheckpointError
         from .checkpoint import CheckpointError
         try:
             load_universal(self.model, path)
@@ -403,7 +403,7 @@ class DeepSpeedEngine(_MicroBatches):
 
     def full_state_dict(self):
         """The fp32 masters (x in eval mode), not rounded to a bf16 model's dtype: see
-        sharded_msam_sf.backends.zero.full_fp32_state_dict."""
+        sharded_msam_sf.deepspeed.weights.full_fp32_state_dict."""
         return self.optimizer.eval_state_dict(rank0_only=True)
 
     def close(self) -> None:
@@ -433,9 +433,24 @@ def _restart_safe_store(world: int):
     return dist.PrefixStore(f"/sharded_msam_sf/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
+class LaunchMismatch(RuntimeError):
+    """The launcher's environment and the process group disagree on the world size or rank."""
+
+
 def init_distributed(cfg: JobConfig) -> DistEnv:
+    """The process group (gloo/nccl) for the launcher's ranks. The world size and rank are the process
+    group's once it exists; a launcher environment that disagrees with it (a stray ``WORLD_SIZE``, the
+    config validated for another world size) is refused: gradients would be averaged over the wrong count."""
+    stray = os.environ.get("WORLD_SIZE")  # export_launch_env overwrites it with the launcher's world size
     launch = export_launch_env()  # torchrun, deepspeed, mpirun, srun or plain python
     rank, world, local = launch.rank, launch.world_size, launch.local_rank
+    if stray is not None and stray.strip() != str(world):
+        raise LaunchMismatch(f"WORLD_SIZE={stray} is set, but the launcher ({launch.launcher}) started {world} "
+                             "rank(s): a stray variable (an sbatch script without srun, a copied environment). "
+                             "Unset WORLD_SIZE, or start the ranks with torchrun / srun / mpirun")
+    if cfg.world_size != world:
+        raise LaunchMismatch(f"the config was validated for {cfg.world_size} rank(s), and the launcher "
+                             f"({launch.launcher}) started {world}: global batch and accumulation would be wrong")
     use_cuda = cfg.engine.device == "cuda" or (cfg.engine.device == "auto" and torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():
@@ -450,6 +465,10 @@ def init_distributed(cfg: JobConfig) -> DistEnv:
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world, store=_restart_safe_store(world),
                                 device_id=device if use_cuda else None)
+    if (dist.get_world_size(), dist.get_rank()) != (world, rank):
+        raise LaunchMismatch(f"the process group has {dist.get_world_size()} rank(s) (this is rank {dist.get_rank()}), "
+                             f"the launcher ({launch.launcher}) says {world} (rank {rank}): refusing to train with "
+                             "gradients averaged over the wrong number of ranks")
     if cfg.engine.name == "deepspeed":
         import deepspeed
         deepspeed.init_distributed(dist_backend=backend)

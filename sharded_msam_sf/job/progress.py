@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -41,14 +43,25 @@ class Progress:
         self.steps_timed = 0
         self.bar = None  # the tqdm bar, from the first update on
 
-    def truncate_metrics(self, after_step: int) -> None:
-        """Drop records of an earlier run after `after_step` (its checkpoint when resuming; all when
-        starting afresh in the same out_dir)."""
+    def truncate_metrics(self, after_step: int, fresh: bool = False) -> Path | None:
+        """Resuming: drop this run's records after `after_step` (its checkpoint; those steps are run again).
+        A fresh run (``fresh``) never truncates an earlier run's metrics.jsonl: it is renamed to
+        ``metrics.<time>.jsonl`` (returned) and a new one is started."""
         if not self.enabled or not self.metrics_path.is_file():
-            return
+            return None
+        if fresh:
+            if self.metrics_path.stat().st_size == 0:
+                return None
+            aside = self.metrics_path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            n = 1
+            while aside.exists():
+                aside, n = self.metrics_path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}-{n}.jsonl"), n + 1
+            os.replace(self.metrics_path, aside)
+            return aside
         keep = [ln for ln in self.metrics_path.read_text().splitlines()
                 if ln.strip() and json.loads(ln).get("step", 0) <= after_step]
         self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
+        return None
 
     def record(self, **rec) -> None:
         if self.enabled:

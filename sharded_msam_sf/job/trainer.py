@@ -30,11 +30,15 @@ class Diverged(RuntimeError):
 
 
 @torch.no_grad()
-def evaluate(engine, batches: Batches, device: torch.device, counted: float = 1.0) -> float:
+def evaluate(engine, batches: Batches, device: torch.device, counted: float = 1.0, recalibrate_bn: int = 0,
+             step: int = 0) -> float:
     """Mean validation loss at the optimizer's x (eval mode), over the fixed validation set; a rank
     adds its losses with weight ``counted`` (0 on all but one rank of each model replica: the other
-    tp ranks' losses are the same, the pipeline's first stages have none)."""
+    tp ranks' losses are the same, the pipeline's first stages have none). ``recalibrate_bn``: first
+    re-estimate the BatchNorm statistics at x (:func:`recalibrate_at_x`)."""
     engine.optimizer.eval()
+    if recalibrate_bn:
+        recalibrate_at_x(engine, batches, device, recalibrate_bn, step)
     engine.set_train(False)
     total = torch.zeros(2, dtype=torch.float64, device=device)
     micro = list(batches.eval_micro_batches(device))
@@ -45,6 +49,36 @@ def evaluate(engine, batches: Batches, device: torch.device, counted: float = 1.
     engine.set_train(True)
     engine.optimizer.train()
     return (total[0] / total[1]).item()
+
+
+def recalibration_micro_batches(batches: Batches, device: torch.device, n: int, step: int) -> list:
+    """This rank's first ``n`` training micro-batches of the steps ``step − 1, step − 2, …, 0`` (the newest
+    first), then ``step, step + 1, …`` if those are too few: deterministic, so a resumed run recalibrates
+    on the same data as the uninterrupted one."""
+    import itertools
+    out: list = []
+    for s in itertools.chain(range(step - 1, -1, -1), itertools.count(step)):
+        out += list(batches.micro_batches(s, device))[: n - len(out)]
+        if len(out) >= n:
+            return out
+    return out
+
+
+def check_recalibration(cfg: JobConfig, model: torch.nn.Module) -> None:
+    """``eval.recalibrate_bn`` > 0 needs a model with BatchNorm running statistics (a ValueError otherwise)."""
+    from ..bn import running_stat_modules
+    if cfg.eval.recalibrate_bn and not running_stat_modules(model):
+        raise ValueError(f"config key 'eval.recalibrate_bn' = {cfg.eval.recalibrate_bn}: the model has no "
+                         "BatchNorm layer with running statistics (the job's GPT uses LayerNorm); set it to 0")
+
+
+def recalibrate_at_x(engine, batches: Batches, device: torch.device, n: int, step: int) -> int:
+    """The BatchNorm running statistics at x (the optimizer must be in eval mode), combined over all ranks,
+    on ``n`` training micro-batches per rank, through the engine's own forward (DDP/FSDP/DeepSpeed)."""
+    from ..bn import recalibrate
+    micro = recalibration_micro_batches(batches, device, n, step)
+    return recalibrate(engine.model, micro, n, optimizer=None,
+                       forward=lambda model, batch: engine.forward_micro_batches([batch]))
 
 
 def run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool = False) -> dict:
@@ -65,6 +99,7 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
     two_pass = cfg.optimizer_kwargs.get("sam_mode", "one_pass") == "two_pass"
     opt.train()
     engine.set_train(True)
+    check_recalibration(cfg, engine.model)
 
     step, state = 0, {}
     plan = plan_resume(cfg, Checkpointer(out_dir, env.rank, cfg.checkpoint.keep, env.world_size))
@@ -89,7 +124,9 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
     tokens_per_step = cfg.train.global_batch_size * cfg.model.block_size
     progress = Progress(rank0, out_dir, cfg.log.progress, step, cfg.train.max_steps, tokens_per_step)
     baseline = state.get("unigram_baseline") or corpus.unigram_baseline()
-    progress.truncate_metrics(step)
+    aside = progress.truncate_metrics(step, fresh=resume_from is None)
+    if aside is not None:
+        notes.append(f"the earlier metrics.jsonl of {out_dir} is kept as {aside.name} (a new run starts its own)")
     for note in notes:
         progress.message(note)
     if resume_from is not None:
@@ -115,6 +152,7 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
     window = torch.tensor(state.get("loss_window", [0.0, 0.0]), dtype=torch.float64, device=env.device)
 
     skipped_before, consecutive_skips, healthy = getattr(opt, "skipped_steps", 0), 0, True
+    start_step, skipped_at_start = step, skipped_before
     last_healthy = resume_from
 
     def job_state():
@@ -175,7 +213,7 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
                                 tokens_per_s=progress.tokens_per_s())
                 progress.update(step, train_loss)
             if (cfg.eval.interval and step % cfg.eval.interval == 0) or last:
-                val_loss = evaluate(engine, batches, env.device, counted)
+                val_loss = evaluate(engine, batches, env.device, counted, cfg.eval.recalibrate_bn, step)
                 progress.record(step=step, val_loss=val_loss)
                 board.scalars(step, {"val/loss": val_loss})
                 board.flush()
@@ -196,8 +234,16 @@ def _run(cfg: JobConfig, env, engine, corpus: Corpus, dry_run: bool, out_dir: Pa
         board.close()
         progress.close()  # the bar; messages below print as lines
 
+    ran, skipped = step - start_step, getattr(opt, "skipped_steps", 0) - skipped_at_start
+    if ran and skipped >= ran:  # shorter than max_skipped_steps, yet nothing was learnt: not a success
+        raise Diverged(
+            f"no step was applied: all {ran} step(s) of this run were skipped because the gradients held NaN/inf "
+            f"(the optimizer's warnings name the likely cause). The checkpoint {out_dir / 'checkpoints'} holds the "
+            "unchanged state. Lower the learning rate / rho, check the data")
     if cfg.checkpoint.export:
         opt.eval()
+        if cfg.eval.recalibrate_bn:
+            recalibrate_at_x(engine, batches, env.device, cfg.eval.recalibrate_bn, step)
         export_path = out_dir / "export"  # model.safetensors + export.json; `python -m sharded_msam_sf.export
         export_weights(engine, export_path, env.rank,  # CKPT` writes the same files from the last checkpoint
                        {"step": step, "weights": "x", "config": cfg.to_dict()})

@@ -3,14 +3,15 @@
 A DeepSpeed ZeRO checkpoint is partitioned for the world size and stage that wrote it; DeepSpeed's
 own loader refuses another world size. With ``checkpoint.convert = "auto"`` (the default) the job then
 converts it into DeepSpeed's universal format with our state (z, exp_avg, exp_avg_sq and every param
-group's counters, mode and ascent scale), by running the command users run themselves::
+group's counters, mode and ascent scale), by calling on rank 0 the function behind the command users run themselves
+(:func:`sharded_msam_sf.checkpoint.to_universal`)::
 
     python -m sharded_msam_sf.checkpoint to-universal <out_dir>/checkpoints/step_N <out_dir>/universal/.tmp-step_N
 
-on rank 0 (a subprocess: its memory is freed when it ends), seals the result like a checkpoint
+then seals the result like a checkpoint
 (``job_state.json`` of the source, ``manifest.json`` with every file's SHA-256, ``"source"``: the
 checkpoint it came from), renames it to ``<out_dir>/universal/step_N``, verifies it on every rank and
-loads it with :func:`sharded_msam_sf.backends.zero_universal.load_universal` (ZeRO-1/2: DeepSpeed's
+loads it with :func:`sharded_msam_sf.deepspeed.universal.load_universal` (ZeRO-1/2: DeepSpeed's
 universal loader; ZeRO-3: ours). A relaunch at the same shape reuses a conversion that verifies; the
 conversions of other steps are removed once one succeeds. The other ranks wait in a collective while
 rank 0 converts (gloo: 30 min by default; a very large model can be converted ahead with the command
@@ -18,10 +19,7 @@ above). ``"never"``: such a resume is refused, naming the command and the origin
 """
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -58,16 +56,16 @@ def check_convert_allowed(cfg, world: int, src: Path, state: dict) -> None:
 
 
 def _convert(src: Path, tmp: Path) -> float:
-    """Run the to-universal command into ``tmp``; its seconds. Raises CheckpointError with its stderr."""
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "sharded_msam_sf.checkpoint", "to-universal", str(src), str(tmp)]
+    """Convert ``src`` into ``tmp`` with :func:`sharded_msam_sf.checkpoint.to_universal` (the function
+    behind the command users run); its seconds. Raises CheckpointError naming the command."""
+    from ..checkpoint import to_universal
+    from ..export import ExportError
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
-        raise CheckpointError(f"converting {src} into a universal checkpoint failed (`{COMMAND} {src} {tmp}`, "
-                              f"exit {proc.returncode}):\n{tail}")
+    try:
+        to_universal(src, tmp)
+    except ExportError as e:
+        raise CheckpointError(f"converting {src} into a universal checkpoint failed (`{COMMAND} {src} {tmp}`): "
+                              f"{e}") from e
     return time.perf_counter() - t0
 
 
@@ -101,7 +99,8 @@ def prepare_universal(cfg, src: Path, rank: int, world: int) -> tuple[Path, str]
         return 0.0
     seconds = _agree(convert, f"universal checkpoint {tmp}")
     source = read_manifest(src)
-    seal(tmp, dest, state, rank, world, extra={"source": str(src), "source_run_id": source["run_id"]})
+    seal(tmp, dest, state, rank, world, extra={"source": str(src), "source_run_id": source["run_id"]},
+         replace_any=True)  # dest: the job's own conversion of an earlier checkpoint, rebuilt from it
     problems = verify(dest, rank, world, "deepspeed")
     if problems:
         raise CheckpointError(f"the universal checkpoint {dest} does not verify: " + "; ".join(problems[:3]) +

@@ -3,7 +3,7 @@
 On the wrapped meta model (parameters are DTensors whose local shards are meta tensors) the
 optimizer is built as a user builds it, inside :func:`~sharded_msam_sf.kernels.abstract.allow_meta_params`
 (a dry run: meta state, eager kernels, a placeholder norm), and driven through one whole step
-with zero gradients under :class:`~sharded_msam_sf.comm_count.CommCounter`:
+with zero gradients under :class:`~sharded_msam_sf.testing.comm_count.CommCounter`:
 
 - one_pass: ``train()``, ``step()``;
 - two_pass: ``train()``, ``move_to_ascent()``, new gradients, ``move_from_ascent()``, ``step()``;
@@ -28,7 +28,7 @@ from typing import Any, Dict, List
 import torch
 import torch.distributed as dist
 
-from ..comm_count import CommCounter
+from ..testing.comm_count import CommCounter
 from ..kernels.abstract import allow_meta_params, real_mode
 from ..optimizer import AdamWMSAMScheduleFree
 from .shape_rule import counted_once

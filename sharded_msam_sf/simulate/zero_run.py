@@ -16,7 +16,7 @@ from typing import Any, Dict
 
 import torch
 
-from ..comm_count import CommCounter
+from ..testing.comm_count import CommCounter
 from . import models, world
 from .measure import calls_of, local
 

@@ -20,7 +20,7 @@ import time
 import traceback
 from typing import Any, Callable, Dict
 
-from .launch_env import free_port
+from ..launch_env import free_port
 
 __all__ = ["run_ranks", "free_port", "RanksFailed"]
 
@@ -46,7 +46,7 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
     except BaseException:  # report every rank's failure, not only the first
         queue.put((rank, False, traceback.format_exc()))
     del fn, args
-    from .teardown import close_process_group, exit_process
+    from ..teardown import close_process_group, exit_process
     close_process_group()  # outside the except clause: see the module docstring
     exit_process(0 if ok else 1)
 

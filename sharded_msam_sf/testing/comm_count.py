@@ -2,7 +2,7 @@
 
 ::
 
-    from sharded_msam_sf.comm_count import CommCounter
+    from sharded_msam_sf.testing.comm_count import CommCounter
     with CommCounter() as cc:          # enter it before deepspeed.initialize: DeepSpeed keeps
         engine.step()                  # references to some torch.distributed functions
     print(cc.summary())                # {"all_reduce": {"calls": 1, "bytes": 24}, ...}

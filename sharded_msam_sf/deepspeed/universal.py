@@ -1,6 +1,6 @@
 """A DeepSpeed *universal* checkpoint with AdamWMSAMScheduleFree's state, loaded into a ZeRO-1/2/3 engine
 of any world size: :func:`load_universal` (every DeepSpeed internal it touches is listed here; the
-rest of the DeepSpeed glue is in :mod:`sharded_msam_sf.backends.zero`).
+rest of the DeepSpeed glue is in :mod:`sharded_msam_sf.deepspeed` (the driver: :mod:`.driver`)).
 
 The checkpoint (written by ``python -m sharded_msam_sf.checkpoint to-universal``) holds, per parameter
 ``<name>``, the full unpartitioned tensors ``zero/<name>/{fp32,exp_avg,exp_avg_sq,z}.pt`` (each
