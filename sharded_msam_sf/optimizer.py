@@ -51,6 +51,7 @@ from . import kernels as K
 from .backends import Backend, resolve_backend
 from .backends.binding import Binding
 from .hyperparams import SAM_MODES, default_rho
+from .kernels.abstract import host_values, meta_params_allowed
 from .kernels.rules import decode_flag, encode_flags
 
 __all__ = ["AdamWMSAMScheduleFree", "SAM_MODES", "default_rho"]
@@ -316,7 +317,7 @@ class AdamWMSAMScheduleFree(Optimizer):
     def _init_state(self, p: Tensor, with_m: bool, state_dtype: Optional[torch.dtype] = None) -> Dict[str, Tensor]:
         state = self.state[p]
         if "z" not in state:
-            if p.device.type == "meta":
+            if p.device.type == "meta" and not meta_params_allowed():  # (a dry run allows them)
                 raise RuntimeError("can't step a parameter on the meta device (it holds no data): materialize the "
                                    "model first (e.g. model.to_empty(device=...) and initialise its weights)")
             dtype = _state_dtype(p, state_dtype)
@@ -612,7 +613,7 @@ class AdamWMSAMScheduleFree(Optimizer):
     def _read(self, stats: Tensor) -> Tuple[float, bool, bool]:
         """(the global ||m|| over the groups with rho > 0, nonfinite, v_overflow) from the
         reduced stats, with one device-to-host copy."""
-        values = stats.tolist()
+        values = host_values(stats)  # (a placeholder for a dry run's fake/meta stats)
         # groups without the ascent add 0 (their m is not read), so all slots add up to the norm over the
         # groups with rho > 0; a back end may return the total in one slot (the pipeline back end does)
         sumsq = sum(values[:-1])

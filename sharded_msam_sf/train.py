@@ -88,6 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="write the resolved config (file, overrides and defaults) as JSON to stdout and exit")
     p.add_argument("--print-schema", action="store_true", help="write the config's JSON Schema to stdout and exit")
     p.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
+    p.add_argument("--simulate-world", type=int, default=None, metavar="N",
+                   help="with --dry-run: one rank of an N-rank run of this config on a fake process group "
+                        "(state bytes, the optimizer's collectives, memory vs AdamW; sharded_msam_sf.simulate)")
+    p.add_argument("--simulate-rank", type=int, default=0, metavar="R", help="the rank --simulate-world reports")
     # the stock deepspeed launcher (and torch.distributed.launch) pass --local_rank=N
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -124,8 +128,14 @@ def main(argv=None) -> int:
     overrides = list(args.override) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     try:  # every config error surfaces here, before any process group starts
         from .shipped_configs import resolve
-        cfg = load_config(resolve(args.config or DEFAULT_CONFIG, error=ConfigError), overrides, data_path=args.data)
-    except ConfigError as e:
+        cfg = load_config(resolve(args.config or DEFAULT_CONFIG, error=ConfigError), overrides, data_path=args.data,
+                          world_size=args.simulate_world)
+        if args.simulate_world is not None:  # a report, in this process: no rank, no run directory
+            if not args.dry_run:
+                raise ConfigError("--simulate-world needs --dry-run")
+            from .job.simulate import simulate_job
+            return simulate_job(cfg, args.simulate_world, args.simulate_rank)
+    except (ConfigError, ValueError) as e:
         return _fail(f"config error: {e}")
     if args.print_config:
         if _launch_rank() == 0:

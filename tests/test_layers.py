@@ -22,6 +22,7 @@ LAYERS = [
     (2, ("optimizer",)),                                                                # the optimizer
     (3, ("deepspeed", "deepspeed_config", "analysis", "accumulation", "bn", "portable")),  # DeepSpeed wing, analysis, loops, BN, portable state
     (4, ("integrations",)),                                                             # HF, Lightning
+    (4, ("simulate",)),                                     # one rank of N on a fake process group (issue 22)
     (5, ("job", "train", "export", "checkpoint", "convert", "checkpoint_seal", "safe_load")),    # the main job and the offline tools that read its checkpoints
     (6, ("",)),                                                                         # the package root
 ]

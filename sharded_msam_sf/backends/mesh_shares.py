@@ -40,6 +40,8 @@ from typing import Dict, FrozenSet, List, Sequence, Tuple
 import torch.distributed as dist
 from torch import Tensor
 
+from ..kernels.abstract import real_mode
+
 __all__ = ["root_mesh", "mesh_shares", "PIPELINE_DIM_NAMES"]
 
 # a root mesh dim of one of these names holds pipeline stages: refused without pipeline_group=
@@ -125,7 +127,13 @@ def _group_over(root, dims: FrozenSet[int]):
 
 
 def mesh_shares(params: Sequence[Tensor], pipeline_group=None) -> Tuple[object, Dict[int, int]]:
-    """``(group, {id(p): replicas(p)})`` for DTensor ``params`` (see the module docstring)."""
+    """``(group, {id(p): replicas(p)})`` for DTensor ``params`` (see the module docstring). The meshes'
+    rank tables are real host tensors: read with ``FakeTensorMode`` off (an optimizer built inside one)."""
+    with real_mode():
+        return _mesh_shares(params, pipeline_group)
+
+
+def _mesh_shares(params: Sequence[Tensor], pipeline_group=None) -> Tuple[object, Dict[int, int]]:
     roots = [root_mesh(p.device_mesh) for p in params]
     _same_root(roots)
     root = roots[0]

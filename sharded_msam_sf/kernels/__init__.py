@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from . import bf16_state, compiled, eager, multi_tensor
+from .abstract import is_abstract
 from .compiled import FusedState
 from .rules import grad_flags, is_low
 from .scalars import Slot, pack, step_scalars
@@ -107,6 +108,8 @@ def _eligible(impl: str, state: FusedState, tensors: Sequence[Optional[Tensor]],
     if any(t is not None and (not t.is_contiguous() or t.numel() != n or t.device != p.device
                               or t.layout != torch.strided) for t in tensors):
         return False  # non-contiguous or odd layouts go eager, even when fused is asked
+    if any(is_abstract(t) for t in tensors if t is not None):
+        return False  # meta / FakeTensorMode tensors (a dry run): eager, which needs no data
     reason = compiled.unavailable_reason(p.device, state)
     if reason is None:
         return True

@@ -27,6 +27,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .abstract import is_abstract
+
 __all__ = ["CHUNK", "eligible", "load", "build_error", "stats", "update_"]
 
 CHUNK = 1 << 14   # elements per work item: 64 KiB per fp32 array
@@ -198,9 +200,10 @@ def load():
 
 
 def eligible(*tensors: Optional[Tensor]) -> bool:
-    """fp32, contiguous, strided, on the CPU, all of the first tensor's size (None: absent)."""
+    """fp32, contiguous, strided, on the CPU, holding data (not fake), all of the first tensor's size
+    (None: absent)."""
     n = tensors[0].numel()
-    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided
+    return all(t is None or (t.device.type == "cpu" and not is_abstract(t) and t.dtype == torch.float32 and t.layout == torch.strided
                              and t.is_contiguous() and t.numel() == n) for t in tensors)
 
 

@@ -15,7 +15,7 @@ calls: what a rank receives). ``reset()`` starts a new count; ``counting=False``
 Nested calls (a DeepSpeed wrapper calling a torch one) are counted once, at the outermost.
 
 Every counted call is also recorded in ``records`` as a :class:`Call` (kind, shape of the
-counted tensor, bytes, and ``ours``: issued from code of this package, i.e. a frame of
+counted tensor, bytes, ``group_size`` (ranks of its process group), and ``ours``: issued from code of this package, i.e. a frame of
 ``sharded_msam_sf`` is on the stack — the optimizer's own all-reduce — rather than by the
 engine alone). ``ours()`` lists those: the tests assert there is exactly one per gradient
 evaluation, an all-reduce of ``G + 1`` float64.
@@ -23,6 +23,7 @@ evaluation, an all-reduce of ``G + 1`` float64.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 import threading
@@ -77,6 +78,7 @@ class Call:
     shape: Optional[Tuple[int, ...]]  # of the counted tensor (None for lists and objects)
     bytes: int
     ours: bool  # issued from inside the sharded_msam_sf package
+    group_size: Optional[int] = None  # ranks of the call's process group (None: not known)
 
 
 def _from_package(frame) -> bool:
@@ -86,6 +88,17 @@ def _from_package(frame) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def _group_size(sig: Optional[inspect.Signature], args: tuple, kwargs: dict) -> Optional[int]:
+    """Ranks of the ``group`` argument of a collective call (WORLD when not given)."""
+    if sig is None or "group" not in sig.parameters:
+        return None
+    try:
+        group = sig.bind_partial(*args, **kwargs).arguments.get("group")
+        return dist.get_world_size(group) if group is not None else dist.get_world_size()
+    except Exception:  # noqa: BLE001 - a group this rank is not in, a DeepSpeed wrapper's own object
+        return None
 
 
 def _nbytes(obj: Any) -> int:
@@ -132,6 +145,10 @@ class CommCounter:
     def _wrap(self, name: str, fn: Callable) -> Callable:
         index, keyword = COLLECTIVES[name]
         counter = self
+        try:
+            sig: Optional[inspect.Signature] = inspect.signature(fn)
+        except (TypeError, ValueError):
+            sig = None
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -142,7 +159,7 @@ class CommCounter:
                 counter.calls[name] += 1
                 counter.bytes[name] += n
                 counter.records.append(Call(name, tuple(arg.shape) if isinstance(arg, torch.Tensor) else None, n,
-                                            _from_package(sys._getframe(1))))
+                                            _from_package(sys._getframe(1)), _group_size(sig, args, kwargs)))
             counter._local.depth = depth + 1
             try:
                 return fn(*args, **kwargs)
