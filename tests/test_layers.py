@@ -17,8 +17,8 @@ PKG = Path(__file__).resolve().parents[1] / "sharded_msam_sf"
 
 # bottom-up; the first matching prefix wins (longest prefixes first where they overlap)
 LAYERS = [
-    (0, ("kernels", "hyperparams", "teardown", "launch_env")),                          # the math, the rules, the process
-    (1, ("reference", "backends", "config", "jsonfile", "weights_io", "output_dir", "save_guards", "testing")),    # oracle, engines' views, schemas
+    (0, ("kernels", "hyperparams", "teardown", "launch_env", "extension_lock")),                          # the math, the rules, the process
+    (1, ("reference", "backends", "config", "jsonfile", "weights_io", "output_dir", "save_guards", "testing", "shipped_configs")),    # oracle, engines' views, schemas
     (2, ("optimizer",)),                                                                # the optimizer
     (3, ("deepspeed", "deepspeed_config", "analysis", "accumulation", "bn", "portable")),  # DeepSpeed wing, analysis, loops, BN, portable state
     (4, ("integrations",)),                                                             # HF, Lightning
