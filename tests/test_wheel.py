@@ -62,7 +62,7 @@ def test_the_wheel_ships_configs_and_console_commands(wheel_venv):
     names = zipfile.ZipFile(w["wheel"]).namelist()
     assert "sharded_msam_sf/configs/job/default.json" in names and \
         "sharded_msam_sf/configs/deepspeed/zero2-cpu.json" in names
-    for cmd in ("msam-train", "msam-export", "msam-checkpoint"):
+    for cmd in ("msam-train", "msam-export", "msam-checkpoint", "msam-simulate"):
         assert (w["venv"] / "bin" / cmd).is_file(), cmd
     listed = _run(["msam-train", "--list-configs"], w)  # the configs of the wheel's copy, not the tree's
     assert listed.returncode == 0 and str(w["site"] / "sharded_msam_sf/configs/job") in listed.stdout
