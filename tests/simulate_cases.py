@@ -95,7 +95,7 @@ CALIBRATED = ("param_elements", "local_param_elements", "param_bytes", "state_by
               "state_is_12x_local", "shape_rule_matches", "memory")
 
 
-def real_calibration(rank: int, world_size: int) -> dict:
+def real_calibration(rank: int, world_size: int, engine: str) -> dict:
     """On a real gloo rank of 4: the tiny Llama with real weights, wrapped as the simulation wraps it,
     one real forward and backward (FSDP2, HSDP; with TP zero gradients: the plan's activation layouts
     are not what is measured), then the same measurement as the simulation."""
@@ -106,7 +106,7 @@ def real_calibration(rank: int, world_size: int) -> dict:
     from sharded_msam_sf.simulate.mesh_run import _ONE_D
     from sharded_msam_sf.simulate import shape_rule
     out = {}
-    for engine, shape in CALIBRATION.items():
+    for engine, shape in [(engine, CALIBRATION[engine])]:  # one layout per process group (fresh ranks)
         _, names = world.mesh_shape(engine, world_size, shape)
         root = world.make_mesh(shape, names)
         torch.manual_seed(0)
