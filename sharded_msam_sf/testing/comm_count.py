@@ -36,9 +36,10 @@ import torch.distributed as dist
 
 __all__ = ["CommCounter", "Call", "COLLECTIVES"]
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE = os.path.dirname(_HERE) + os.sep  # sharded_msam_sf/ (this file is in sharded_msam_sf/testing/)
 # frames that are not the package acting: this counter, and the rank harness every rank starts in
-_NOT_OURS = {os.path.join(_PACKAGE, "comm_count.py"), os.path.join(_PACKAGE, "local_ranks.py")}
+_NOT_OURS = {os.path.join(_HERE, "comm_count.py"), os.path.join(_HERE, "local_ranks.py")}
 
 # name -> index of the argument whose size is counted (the received tensor for gathers)
 COLLECTIVES: Dict[str, Tuple[int, str]] = {
